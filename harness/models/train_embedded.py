@@ -1,0 +1,237 @@
+"""Train the embedded tiny LLaVA from scratch on the synthetic benchmark's train split.
+
+    python -m harness.models.train_embedded --out build/train-embedded --steps 6000
+
+Two stages, both resumable from `<out>/ckpt.pt` (written every --ckpt-every steps; rerun the same
+command after an interruption):
+1. vision: the CLIP tower alone with auxiliary per-patch heads (colour, shape, letter of the
+   object covering the patch). Without them the visual features collapse and the decoder
+   answers from the language prior.
+2. full: every weight, next-token cross-entropy on the answers of multi-turn conversations
+   (several independent questions about one image; the first turn has exactly the evaluation
+   prompt), plus the auxiliary loss at a lower weight.
+The auxiliary heads are training-only and are not saved with the model. At the end the model,
+processor and a training record are written to `<out>/final/` in float16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness.data import synthetic as syn
+from harness.models import embedded
+
+
+class AuxHeads(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({
+            "color": nn.Linear(dim, len(syn.PATCH_COLOR_CLASSES)),
+            "shape": nn.Linear(dim, len(syn.PATCH_SHAPE_CLASSES)),
+            "letter": nn.Linear(dim, len(syn.PATCH_LETTER_CLASSES)),
+        })
+
+    def loss(self, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(F.cross_entropy(h(feats).flatten(0, 1).float(), labels[k].flatten())
+                   for k, h in self.heads.items())
+
+
+def pixels(images) -> torch.Tensor:
+    """Same normalisation as the processor (checked against it at start-up)."""
+    x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    x = (x - np.array(embedded.CLIP_MEAN, np.float32)) / np.array(embedded.CLIP_STD, np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def encode_conversation(tok, turns, image_token_id, n_image):
+    """Token ids and labels (answers and their </s> only) of a multi-turn LLaVA-1.5 conversation."""
+    vocab = tok.get_vocab()
+    ids, labels = [tok.bos_token_id], [-100]
+
+    def words(text):
+        return [vocab[w] for w in text.split()]
+
+    for t, (q, a) in enumerate(turns):
+        head = words("USER:") + ([image_token_id] * n_image if t == 0 else []) + words(q + " ASSISTANT:")
+        ans = words(a) + [tok.eos_token_id]
+        ids += head + ans
+        labels += [-100] * len(head) + ans
+    return ids, labels
+
+
+def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int):
+    images, seqs, labs, patch = [], [], [], {k: [] for k in ("color", "shape", "letter")}
+    for b in range(batch):
+        image, turns, objects = syn.make_conversation(seed * 10_000_000 + step * batch + b)
+        ids, lab = encode_conversation(tok, turns, image_token_id, syn.NUM_PATCHES)
+        images.append(image)
+        seqs.append(ids)
+        labs.append(lab)
+        for k, v in syn.patch_labels(objects).items():
+            patch[k].append(v)
+    n = max(map(len, seqs))
+    input_ids = torch.full((batch, n), tok.pad_token_id)
+    labels = torch.full((batch, n), -100)
+    mask = torch.zeros((batch, n), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labs)):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        labels[i, :len(l)] = torch.tensor(l)
+        mask[i, :len(s)] = 1
+    patch = {k: torch.from_numpy(np.stack(v)) for k, v in patch.items()}
+    return pixels(images), input_ids, labels, mask, patch
+
+
+def vision_features(model, pixel_values):
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def lm_loss(model, feats, input_ids, labels, mask):
+    image = model.model.multi_modal_projector(feats)
+    emb = model.get_input_embeddings()(input_ids)
+    slots = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
+    emb = emb.masked_scatter(slots, image.to(emb.dtype))
+    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model, processor, n_per_type: int = 20, split: str = "val") -> dict[str, float]:
+    model.eval()
+    scores = {}
+    for t, qtype in enumerate(syn.QUESTION_TYPES):
+        vals = []
+        for i in range(n_per_type):
+            s = syn.make_sample(split, i * len(syn.QUESTION_TYPES) + t)
+            x = processor(images=s.image, text=embedded.prompt(s.question), return_tensors="pt")
+            out = model.generate(**x, max_new_tokens=48, do_sample=False)
+            pred = processor.tokenizer.decode(out[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
+            vals.append(syn.score(qtype, pred, s.answer))
+        scores[qtype] = float(np.mean(vals))
+    model.train()
+    return scores
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="build/train-embedded")
+    ap.add_argument("--vision-steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=3000, help="full-model steps")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--aux-weight", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt-every", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args(argv)
+
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = embedded.build_processor()
+    tok = processor.tokenizer
+    probe = syn.make_sample("train", 0).image
+    ref = processor.image_processor(probe, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixels([probe]), ref, atol=1e-5), "training normalisation drifted from the processor"
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    config = embedded.build_config()
+    config.text_config._attn_implementation = "sdpa"
+    model = LlavaForConditionalGeneration(config)
+    aux = AuxHeads(config.vision_config.hidden_size)
+    params = list(model.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    total = args.vision_steps + args.steps
+    state = {"step": 0, "seconds": 0.0, "log": []}
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(saved["model"])
+        aux.load_state_dict(saved["aux"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        print(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
+    model.train()
+
+    def save():
+        tmp = out / "ckpt.pt.tmp"
+        torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict(),
+                    "state": state, "args": vars(args)}, tmp)
+        os.replace(tmp, ckpt)
+
+    t0 = time.time() - state["seconds"]
+    running = []
+    while state["step"] < total:
+        step = state["step"]
+        vision_only = step < args.vision_steps
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step if vision_only else step - args.vision_steps,
+                            args.vision_steps if vision_only else args.steps, args.lr, 100 if vision_only else 300)
+        pv, ids, labels, mask, patch = batch_of(step, args.batch * (2 if vision_only else 1), tok,
+                                                config.image_token_id, args.seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = vision_features(model, pv)
+            aux_loss = aux.loss(feats, patch)
+            if vision_only:
+                loss, lm = aux_loss, torch.tensor(0.0)
+            else:
+                lm = lm_loss(model, feats, ids, labels, mask)
+                loss = lm + args.aux_weight * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] += 1
+        state["seconds"] = time.time() - t0
+        running.append((lm.item(), aux_loss.item()))
+        if state["step"] % 50 == 0:
+            lm_m, aux_m = np.mean(running, axis=0)
+            running = []
+            rec = {"step": state["step"], "lm": round(float(lm_m), 4), "aux": round(float(aux_m), 4),
+                   "minutes": round(state["seconds"] / 60, 2)}
+            state["log"].append(rec)
+            print(json.dumps(rec), flush=True)
+        done = state["step"] == total
+        if not vision_only and (state["step"] - args.vision_steps) % args.eval_every == 0 or done:
+            if not vision_only:
+                scores = evaluate(model, processor)
+                state["log"].append({"step": state["step"], "val": scores})
+                print(json.dumps({"step": state["step"], "val": scores}), flush=True)
+        if state["step"] % args.ckpt_every == 0 or done:
+            save()
+
+    final = out / "final"
+    model.eval()
+    model.half()
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    (final / "training.json").write_text(json.dumps(
+        {"args": vars(args), "steps": state["step"], "minutes": round(state["seconds"] / 60, 1),
+         "log": state["log"]}, indent=1))
+    print(f"wrote {final}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
