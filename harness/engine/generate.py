@@ -1,0 +1,227 @@
+"""The engine: prefill and greedy decoding over a transformers LLaVA's own decoder layers.
+
+Stages are plain functions with their state passed explicitly (gpt-fast style):
+
+    encode_vision -> prefill (layer loop; methods may drop visual tokens after named layers)
+                  -> decode_step ... (greedy)            == generate()
+
+The layers are the model's own modules (its weights, its SDPA or eager attention); nothing is
+patched. After pruning, later layers see fewer rows: the engine slices hidden states, position ids
+and rotary cos/sin with the keep index, so kept tokens keep their original positions, and each
+layer caches only what it saw. Decode positions continue from the *unpruned* prompt length.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from harness.models.adapter import ModelAdapter
+from methods.base import LayerContext, Method, ModelShape
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def causal_mask(adapter: ModelAdapter, q_len: int, kv_len: int, dtype, device) -> torch.Tensor | None:
+    """Additive mask, causal and aligned bottom-right (query i sees keys <= kv_len - q_len + i).
+
+    None where the attention kernel needs none: a single query sees its whole cache, and SDPA
+    applies its own causal mask when there are as many queries as keys.
+    """
+    if q_len == 1 or (q_len == kv_len and adapter.attn_implementation == "sdpa"):
+        return None
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+    mask = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def attention_rows(adapter: ModelAdapter, layer_idx: int, layer_input: torch.Tensor, rows: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Head-averaged softmax attention of `rows` at a layer, without eager attention.
+
+    softmax(q_rows . K^T / sqrt(d)) from the layer's own q projection (after its input norm and
+    RoPE) and its cached keys (already rotated; GQA groups repeated), with the causal mask: row r of
+    the current sequence sees keys 0..r + (cache length - sequence length). Returns (n_rows, S).
+    """
+    layer = adapter.layers[layer_idx]
+    attn = layer.self_attn
+    x = layer.input_layernorm(layer_input[:, rows])
+    q = attn.q_proj(x).view(1, len(rows), -1, attn.head_dim).transpose(1, 2)  # (1, H, n, d)
+    c, s = cos[:, rows].unsqueeze(1), sin[:, rows].unsqueeze(1)
+    half = q.shape[-1] // 2
+    q = q * c + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * s
+    k = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # (1, H, S, d)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (1, H, n, S)
+    offset = k.shape[2] - layer_input.shape[1]
+    key_pos = torch.arange(k.shape[2], device=k.device)
+    scores = scores.masked_fill(key_pos[None, :] > (rows[:, None] + offset), float("-inf"))
+    return scores.softmax(-1).mean(dim=1)[0]
+
+
+# ------------------------------------------------------------------------------ records
+
+@dataclass
+class Prefill:
+    """State that prefill hands to decoding."""
+    cache: DynamicCache
+    logits: torch.Tensor  # (vocab,) at the last prompt token
+    prompt_len: int  # unpruned prompt length: decode positions continue from here
+    visual_per_layer: list[int]  # visual tokens each layer processed
+    keep: dict[int, list[int]]  # after-layer -> original visual indices kept (-1: before the LLM)
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    select_ms: float = 0.0  # time spent in methods' selection (pruning overhead), inside prefill
+
+
+@dataclass
+class Record:
+    tokens: list[int]
+    text: str
+    vision_ms: float
+    prefill_ms: float
+    select_ms: float
+    decode_ms: float
+    visual_per_layer: list[int]
+    keep: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def equal_token_average(self) -> float:
+        return sum(self.visual_per_layer) / len(self.visual_per_layer)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first token comes from prefill; decode produced the rest
+        n = len(self.tokens) - 1
+        return n / (self.decode_ms / 1e3) if n > 0 and self.decode_ms > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------ stages
+
+def encode_vision(adapter: ModelAdapter, pixel_values: torch.Tensor, method: Method, sample=None):
+    """Projected visual tokens (M', D) and their original indices, after the method's vision stage."""
+    feats = adapter.image_features(pixel_values)[0]
+    patch_ids = torch.arange(feats.shape[0], device=feats.device)
+    reduced = method.vision(feats, sample)
+    if reduced is not None:
+        feats, patch_ids = reduced
+    return feats, patch_ids
+
+
+def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
+            sample=None) -> Prefill:
+    """Run the prompt through every layer, letting the method drop visual tokens after its layers."""
+    device = adapter.device
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        feats, patch_ids = encode_vision(adapter, pixel_values, method, sample)
+    sync(device)
+    t1 = time.perf_counter()
+
+    with torch.no_grad():
+        ids = input_ids[0]
+        image_slots = (ids == adapter.image_token_id).nonzero().flatten()
+        m = adapter.num_visual
+        if len(image_slots) != m:
+            raise ValueError(f"prompt has {len(image_slots)} image tokens, the model expects {m}")
+        if feats.shape[0] != m:  # vision stage shortened the image: shorten the prompt to match
+            keep_rows = torch.cat([torch.arange(0, image_slots[0], device=device),
+                                   image_slots[:feats.shape[0]],
+                                   torch.arange(image_slots[-1] + 1, len(ids), device=device)])
+            ids = ids[keep_rows]
+            image_slots = image_slots[:feats.shape[0]]
+        hidden = adapter.embed(ids[None])
+        hidden[0, image_slots] = feats.to(hidden.dtype)
+        prompt_len = hidden.shape[1]
+        positions = torch.arange(prompt_len, device=device)
+        visual_rows = image_slots.clone()
+        text_rows = torch.arange(int(image_slots[-1]) + 1, prompt_len, device=device)
+        cos, sin = adapter.rotary(hidden, positions[None])
+        shape = ModelShape(adapter.num_layers, m)
+        cache = DynamicCache(config=adapter.model.config.text_config)
+        keep_log: dict[int, list[int]] = {}
+        if feats.shape[0] != m:
+            keep_log[-1] = patch_ids.tolist()
+        select_s = 0.0
+
+        def prune(layer_idx, hidden, attention):
+            nonlocal positions, visual_rows, patch_ids, cos, sin, text_rows, select_s
+            ts = time.perf_counter()
+            ctx = LayerContext(layer_idx, hidden, visual_rows, patch_ids, attention, shape, sample,
+                               text_rows)
+            keep = torch.sort(method.select(ctx).to(device)).values
+            n = hidden.shape[1]
+            is_visual = torch.zeros(n, dtype=torch.bool, device=device)
+            is_visual[visual_rows] = True
+            keep_mask = ~is_visual
+            keep_mask[visual_rows[keep]] = True
+            rows = keep_mask.nonzero().flatten()
+            new_index = torch.cumsum(keep_mask, 0) - 1  # old row -> new row
+            positions, cos, sin = positions[rows], cos[:, rows], sin[:, rows]
+            visual_rows, patch_ids = new_index[visual_rows[keep]], patch_ids[keep]
+            text_rows = new_index[text_rows]
+            keep_log[layer_idx] = patch_ids.tolist()
+            select_s += time.perf_counter() - ts
+            return hidden[:, rows]
+
+        if -1 in method.prune_layers:
+            hidden = prune(-1, hidden, None)
+        visual_per_layer = []
+        for i, layer in enumerate(adapter.layers):
+            visual_per_layer.append(len(visual_rows))
+            layer_input = hidden
+            mask = causal_mask(adapter, hidden.shape[1], hidden.shape[1], hidden.dtype, device)
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions[None],
+                           position_embeddings=(cos, sin), cache=cache)
+            if i in method.prune_layers:
+                keys = cache.layers[i].keys
+                c, s = cos, sin
+
+                def probe(rows, _i=i, _x=layer_input, _k=keys, _c=c, _s=s):
+                    return attention_rows(adapter, _i, _x, rows, _c, _s, _k)
+
+                hidden = prune(i, hidden, probe)
+        logits = adapter.logits(hidden[:, -1:])[0, -1]
+    sync(device)
+    t2 = time.perf_counter()
+    return Prefill(cache, logits, prompt_len, visual_per_layer, keep_log,
+                   vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, select_ms=select_s * 1e3)
+
+
+def decode_step(adapter: ModelAdapter, token: int, position: int, cache: DynamicCache) -> torch.Tensor:
+    """One token through every layer; each layer attends to everything it cached."""
+    with torch.no_grad():
+        device = adapter.device
+        hidden = adapter.embed(torch.tensor([[token]], device=device))
+        pos = torch.tensor([[position]], device=device)
+        cos, sin = adapter.rotary(hidden, pos)
+        for layer in adapter.layers:
+            hidden = layer(hidden, attention_mask=None, position_ids=pos,
+                           position_embeddings=(cos, sin), cache=cache)
+        return adapter.logits(hidden)[0, -1]
+
+
+def generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
+             max_new_tokens: int = 64, sample=None) -> Record:
+    """Greedy decoding after a (possibly pruned) prefill; stops after EOS or max_new_tokens."""
+    pre = prefill(adapter, input_ids, pixel_values, method, sample)
+    eos = adapter.eos_token_id
+    tokens = [int(pre.logits.argmax())]
+    sync(adapter.device)
+    t0 = time.perf_counter()
+    position = pre.prompt_len
+    while len(tokens) < max_new_tokens and tokens[-1] != eos:
+        logits = decode_step(adapter, tokens[-1], position, pre.cache)
+        position += 1
+        tokens.append(int(logits.argmax()))
+    sync(adapter.device)
+    decode_ms = (time.perf_counter() - t0) * 1e3
+    return Record(tokens, adapter.decode(tokens), pre.vision_ms, pre.prefill_ms, pre.select_ms,
+                  decode_ms, pre.visual_per_layer, pre.keep)

@@ -1,0 +1,129 @@
+"""Model adapter: the one place that knows where a transformers LLaVA keeps its parts.
+
+The engine and the methods reach the vision tower, projector, decoder layers, rotary embedding,
+final norm, LM head and processor only through `ModelAdapter`, so supporting another family means
+extending this file, not the engine.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.models.embedded import EMBEDDED_DIR
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class ModelError(ValueError):
+    """A model path, dtype or attention implementation the harness cannot use."""
+
+
+def resolve_model_path(path: str) -> Path:
+    """'embedded' names the model shipped with the project; anything else is a local directory."""
+    p = EMBEDDED_DIR if path == "embedded" else Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise ModelError(f"model path {path!r} is not a checkpoint directory with config.json "
+                         f"(allowed: 'embedded' or a local transformers checkpoint; nothing is "
+                         f"downloaded at run time)")
+    return p
+
+
+def read_shape(path: str) -> dict:
+    """Layer count and visual-token count from config.json, without loading weights."""
+    cfg = json.loads((resolve_model_path(path) / "config.json").read_text())
+    vision, text = cfg["vision_config"], cfg["text_config"]
+    per_side = vision["image_size"] // vision["patch_size"]
+    extra = 0 if cfg.get("vision_feature_select_strategy", "default") == "default" else 1
+    return {"num_layers": text["num_hidden_layers"], "num_visual": per_side * per_side + extra}
+
+
+@dataclass
+class ModelAdapter:
+    model: torch.nn.Module
+    processor: object
+    name: str
+    dtype_name: str
+    attn_implementation: str
+
+    # ---- parts -------------------------------------------------------------------------------
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_visual(self) -> int:
+        vc = self.model.config.vision_config
+        per_side = vc.image_size // vc.patch_size
+        return per_side * per_side + (0 if self.model.config.vision_feature_select_strategy == "default" else 1)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.processor.tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.language_model.norm(hidden))
+
+    # ---- inputs ------------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        """LLaVA-1.5's conversation template (the one the embedded model was trained with)."""
+        return f"USER: <image>\n{question} ASSISTANT:"
+
+    def inputs(self, image, question: str) -> dict:
+        x = self.processor(images=image, text=self.prompt(question), return_tensors="pt")
+        return {"input_ids": x["input_ids"].to(self.device),
+                "pixel_values": x["pixel_values"].to(self.device, self.model.dtype)}
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens (n_images, M, D) as the model's own forward computes them."""
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = out.pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def load_model(path: str = "embedded", dtype: str = "float32", attn_implementation: str = "sdpa",
+               device: str | None = None) -> ModelAdapter:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ModelError(f"attention implementation {attn_implementation!r} is not supported; "
+                         f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    p = resolve_model_path(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        p, dtype=DTYPES[dtype], attn_implementation=attn_implementation).to(device).eval()
+    processor = AutoProcessor.from_pretrained(p)
+    return ModelAdapter(model, processor, path, dtype, attn_implementation)

@@ -1,0 +1,161 @@
+"""The method contract and the registry.
+
+A method acts at up to two stages of the engine:
+- the vision stage (`vision`): projected visual features in, fewer features out, before the LLM;
+- the layer stage (`select`): after each layer named in `prune_layers` has run in prefill, given
+  that layer's output and an attention-row probe, return which of the current visual tokens the
+  next layers keep. Layer -1 means "on the input embeddings, before layer 0".
+Decoding (greedy or self-speculative) is chosen by the engine, not by the pruning method.
+
+Budgets follow the equal-token convention of the TwigVLM, SparseVLM and VisionZip tables: the
+budget R is the number of visual tokens retained *averaged over all L layers*. Each method turns
+R into its own settings in `configure` and reports them in `params()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class MethodError(ValueError):
+    """A method name, setting or budget that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Retained visual tokens (int >= 1) or pruning ratio (0 <= float < 1); resolved against M."""
+    value: float | int
+
+    @staticmethod
+    def parse(value) -> "Budget":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MethodError(f"budget {value!r} is not a number; allowed: a token count (int >= 1) "
+                              f"or a pruning ratio (float in [0, 1))")
+        if isinstance(value, float) and not 0.0 <= value < 1.0:
+            raise MethodError(f"budget ratio {value!r} is out of range; allowed: a pruning ratio in "
+                              f"[0, 1) or an integer token count")
+        if isinstance(value, int) and value < 1:
+            raise MethodError(f"budget {value!r} tokens is out of range; allowed: at least 1 token")
+        return Budget(value)
+
+    def tokens(self, num_visual: int) -> int:
+        """R: retained visual tokens averaged over layers."""
+        if isinstance(self.value, float):
+            return max(1, round(num_visual * (1.0 - self.value)))
+        if self.value > num_visual:
+            raise MethodError(f"budget {self.value} tokens exceeds the model's {num_visual} visual "
+                              f"tokens; allowed: 1..{num_visual}")
+        return int(self.value)
+
+    def label(self, num_visual: int) -> str:
+        r = self.tokens(num_visual)
+        return f"{r} tokens ({100 * (1 - r / num_visual):.1f}% pruned)"
+
+
+def tokens_after_layer(budget_tokens: int, first_pruned: int, num_layers: int, num_visual: int,
+                       last_layer: int | None = None, method: str = "") -> int:
+    """Tokens N kept in layers first_pruned..last_layer-1 so the layer average is R.
+
+    Layers 0..first_pruned-1 see all M tokens and layers from last_layer on see none (TwigVLM's
+    FinalWipe; None = no wipe): N = (L*R - K*M) / (last - K), rounded to the nearest integer.
+    """
+    last = num_layers if last_layer is None else last_layer
+    spare = num_layers * budget_tokens - first_pruned * num_visual
+    if spare <= 0 or last <= first_pruned:
+        raise MethodError(
+            f"{method}: budget {budget_tokens} tokens is impossible with K={first_pruned} on a "
+            f"{num_layers}-layer model with {num_visual} visual tokens (layers 0..K-1 alone average "
+            f"{first_pruned * num_visual / num_layers:.1f} tokens); allowed: a budget above that, "
+            f"or a smaller K")
+    n = round(spare / (last - first_pruned))
+    if n > num_visual:
+        raise MethodError(f"{method}: budget {budget_tokens} tokens needs {n} > {num_visual} tokens "
+                          f"after layer {first_pruned}; allowed: a smaller budget or a larger K")
+    return max(1, n)
+
+
+@dataclass
+class ModelShape:
+    num_layers: int
+    num_visual: int
+
+
+@dataclass
+class LayerContext:
+    """What a method sees after a prefill layer: the state of the pruned sequence."""
+    layer: int  # the layer that just ran (-1: input embeddings)
+    hidden: torch.Tensor  # (1, S, D) that layer's output
+    visual_rows: torch.Tensor  # (V,) rows of `hidden` that are visual tokens, ascending
+    patch_ids: torch.Tensor  # (V,) original visual index (0..M-1) of each of those rows
+    attention: Callable[[torch.Tensor], torch.Tensor] | None  # rows -> (n, S) head-mean probs
+    shape: ModelShape
+    sample: object = None  # the dataset sample (the oracle reads its patch annotations)
+    text_rows: torch.Tensor = field(default=None)  # rows after the image (the instruction)
+
+
+class Method:
+    """Keeps every token (the baseline). Subclasses override the stages they use."""
+    name = "baseline"
+    budgeted = False  # whether the method takes a budget
+    prune_layers: tuple[int, ...] = ()
+
+    def __init__(self, budget: Budget | None = None, **settings):
+        if settings:
+            raise MethodError(f"{self.name}: unknown setting(s) {', '.join(map(repr, settings))}; "
+                              f"allowed: {', '.join(self.allowed_settings()) or 'none'}")
+        if self.budgeted and budget is None:
+            raise MethodError(f"{self.name} needs a budget (tokens or pruning ratio)")
+        if not self.budgeted and budget is not None:
+            raise MethodError(f"{self.name} takes no budget (got {budget.value!r})")
+        self.budget = budget
+        self.shape: ModelShape | None = None
+
+    @classmethod
+    def allowed_settings(cls) -> tuple[str, ...]:
+        return ()
+
+    def configure(self, shape: ModelShape) -> None:
+        """Turn the budget into this method's settings for a model; raise MethodError if impossible."""
+        self.shape = shape
+
+    def params(self) -> dict:
+        """Settings as logged: the requested budget and what the method made of it."""
+        p = {"method": self.name}
+        if self.budget is not None and self.shape is not None:
+            p["budget_tokens"] = self.budget.tokens(self.shape.num_visual)
+            p["budget_ratio"] = round(1 - p["budget_tokens"] / self.shape.num_visual, 4)
+        return p
+
+    def vision(self, features: torch.Tensor, sample=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optionally reduce (M, D) projected features; return (features, patch ids) or None."""
+        return None
+
+    def select(self, ctx: LayerContext) -> torch.Tensor:
+        """Indices into ctx.visual_rows of the visual tokens to keep (any order)."""
+        return torch.arange(len(ctx.visual_rows))
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, ties broken towards the lower index (deterministic)."""
+    k = max(0, min(k, scores.numel()))
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    return order[:k]
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+register(Method)
+
+
+def build_method(name: str, budget=None, **settings) -> Method:
+    if name not in REGISTRY:
+        raise MethodError(f"unknown method {name!r}; allowed: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](Budget.parse(budget) if budget is not None else None, **settings)
