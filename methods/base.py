@@ -101,10 +101,7 @@ class Method:
     budgeted = False  # whether the method takes a budget
     prune_layers: tuple[int, ...] = ()
 
-    def __init__(self, budget: Budget | None = None, **settings):
-        if settings:
-            raise MethodError(f"{self.name}: unknown setting(s) {', '.join(map(repr, settings))}; "
-                              f"allowed: {', '.join(self.allowed_settings()) or 'none'}")
+    def __init__(self, budget: Budget | None = None):
         if self.budgeted and budget is None:
             raise MethodError(f"{self.name} needs a budget (tokens or pruning ratio)")
         if not self.budgeted and budget is not None:
@@ -158,4 +155,9 @@ register(Method)
 def build_method(name: str, budget=None, **settings) -> Method:
     if name not in REGISTRY:
         raise MethodError(f"unknown method {name!r}; allowed: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    unknown = sorted(set(settings) - set(cls.allowed_settings()))
+    if unknown:
+        raise MethodError(f"{name}: unknown setting(s) {', '.join(map(repr, unknown))}; "
+                          f"allowed: {', '.join(cls.allowed_settings()) or 'none'}")
     return REGISTRY[name](Budget.parse(budget) if budget is not None else None, **settings)

@@ -1,0 +1,42 @@
+# Each target sets up the virtual environment itself when it is missing or older than pyproject.toml.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+
+.PHONY: help setup test test-fast sweep report ui train-embedded clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create/refresh the virtual environment (.venv)
+
+test: $(STAMP)  ## run every test (the end-to-end ones marked slow included)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## the tests without the slow end-to-end runs
+	$(BIN)/python -m pytest -q -m "not slow"
+
+sweep: $(STAMP)  ## the main job: experiments/default.yaml on the embedded model -> MLflow + report
+	$(BIN)/twigbench sweep experiments/default.yaml
+
+report: $(STAMP)  ## rewrite the default experiment's report from MLflow
+	$(BIN)/twigbench report default
+
+ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 for ./mlflow.db
+	@echo "MLflow UI: http://127.0.0.1:5000  (Ctrl-C to stop)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+train-embedded: $(STAMP)  ## retrain the embedded model (resumable; ~2 h on 2 cores)
+	$(BIN)/python -m harness.models.train_embedded --out build/train-embedded
+
+clean:  ## remove outputs (keeps .venv and mlflow.db)
+	rm -rf build reports/out .pytest_cache

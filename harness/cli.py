@@ -1,0 +1,77 @@
+"""twigbench command line: `twigbench sweep FILE`, `twigbench report EXPERIMENT`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _out(args) -> dict:
+    return {"out_dir": args.report_dir} if args.report_dir else {}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from harness.tracking import DEFAULT_TRACKING_URI
+
+    ap = argparse.ArgumentParser(prog="twigbench", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sw = sub.add_parser("sweep", help="run an experiment file, log to MLflow, write the report")
+    sw.add_argument("experiment_file")
+    sw.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    sw.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    sw.add_argument("--no-report", action="store_true")
+    sw.add_argument("--report-dir", default=None, help="default: reports/out/")
+    rp = sub.add_parser("report", help="write the report of an experiment's latest sweep from MLflow")
+    rp.add_argument("experiment")
+    rp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    rp.add_argument("--run-id", default=None, help="parent (sweep) run id; default: the latest")
+    rp.add_argument("--report-dir", default=None, help="default: reports/out/")
+    args = ap.parse_args(argv)
+
+    from harness.experiment import ExperimentError, load_experiment
+
+    if args.command == "sweep":
+        try:
+            exp = load_experiment(args.experiment_file)
+        except ExperimentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"experiment {exp.name!r}: {len(exp.cells)} cells on {exp.model['path']} / "
+              f"{exp.dataset['name']}:{exp.dataset['split']}")
+        if args.dry_run:
+            for c in exp.cells:
+                print(f"  {c.label}")
+            return 0
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        from harness.runner import run_experiment
+        from reports.build import build_report
+
+        t0 = time.perf_counter()
+        parent, results = run_experiment(exp, args.tracking_uri)
+        print(f"sweep finished in {time.perf_counter() - t0:.0f} s; MLflow parent run {parent} "
+              f"in {args.tracking_uri} (experiment {exp.name!r})")
+        if not args.no_report:
+            path = build_report(exp.name, args.tracking_uri, parent, **_out(args))
+            print(f"report: {path}")
+        print("browse: make ui  (MLflow UI on http://127.0.0.1:5000)")
+        return 0
+    if args.command == "report":
+        from reports.build import build_report
+
+        try:
+            print(build_report(args.experiment, args.tracking_uri, args.run_id, **_out(args)))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

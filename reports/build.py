@@ -1,0 +1,91 @@
+"""Render a sweep's results from MLflow (never by re-running models): a Markdown table and an
+accuracy-vs-budget figure under reports/out/<experiment>/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from harness.tracking import DEFAULT_TRACKING_URI, cell_runs
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+TYPES = ("attribute", "count", "exist", "position", "text", "describe")
+
+
+def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, sorted by method then budget (most tokens first)."""
+    def col(name, default=float("nan")):
+        return runs[name] if name in runs else pd.Series(default, index=runs.index)
+
+    table = pd.DataFrame({
+        "method": col("params.method"),
+        "cell": col("params.cell"),
+        "budget_tokens": pd.to_numeric(col("params.budget_tokens"), errors="coerce"),
+        "accuracy": col("metrics.accuracy"),
+        "relative_accuracy": col("metrics.relative_accuracy"),
+        **{f"acc_{t}": col(f"metrics.accuracy_{t}") for t in TYPES},
+        "prefill_ms": col("metrics.prefill_ms"),
+        "prefill_speedup": col("metrics.prefill_speedup"),
+        "decode_tokens_per_s": col("metrics.decode_tokens_per_s"),
+        "equal_token_average": col("metrics.equal_token_average"),
+    })
+    table["_order"] = table["method"].ne("baseline")
+    table = table.sort_values(["_order", "method", "budget_tokens"], ascending=[True, True, False])
+    return table.drop(columns="_order").reset_index(drop=True)
+
+
+def markdown(table: pd.DataFrame, title: str, meta: str) -> str:
+    show = table.copy()
+    for c in show.columns:
+        if c.startswith("acc") or c == "relative_accuracy":
+            show[c] = (100 * show[c]).map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
+    for c in ("prefill_ms", "decode_tokens_per_s", "equal_token_average"):
+        show[c] = show[c].map(lambda v: "" if pd.isna(v) else f"{v:.1f}" if c != "prefill_ms" else f"{v:.2f}")
+    show["prefill_speedup"] = show["prefill_speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
+    show["budget_tokens"] = show["budget_tokens"].map(lambda v: "all" if pd.isna(v) else str(int(v)))
+    header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
+    rows = "".join("| " + " | ".join(map(str, r)) + " |\n" for r in show.itertuples(index=False))
+    return (f"# {title}\n\n{meta}\n\nAccuracy in %, relative accuracy against the baseline cell of "
+            f"the same sweep; prefill is the median time to first token; equal-token average is the "
+            f"visual tokens each layer processed, averaged over layers (measured).\n\n{header}{rows}\n"
+            f"![accuracy vs budget](accuracy_vs_budget.png)\n")
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = table[table["method"] == "baseline"]
+    for method, g in table[table["method"] != "baseline"].groupby("method"):
+        g = g.sort_values("budget_tokens")
+        ax.plot(g["budget_tokens"], 100 * g["accuracy"], marker="o", label=method)
+    if not base.empty:
+        ax.axhline(100 * base["accuracy"].iloc[0], color="black", linestyle="--", label="baseline (all tokens)")
+    ax.set_xlabel("visual tokens retained (equal-token average)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_report(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, parent_run_id: str | None = None,
+                 out_dir: Path = OUT_DIR) -> Path:
+    parent_run_id, runs = cell_runs(tracking_uri, experiment, parent_run_id)
+    if runs.empty:
+        raise ValueError(f"sweep {parent_run_id} of {experiment!r} has no cell runs")
+    table = cell_table(runs)
+    d = Path(out_dir) / experiment
+    d.mkdir(parents=True, exist_ok=True)
+    model = runs["params.model"].iloc[0] if "params.model" in runs else "?"
+    split = runs["params.split"].iloc[0] if "params.split" in runs else "?"
+    meta = (f"Model `{model}`, dataset `{runs['params.dataset'].iloc[0]}` ({split} split), "
+            f"MLflow sweep run `{parent_run_id}` in `{tracking_uri}`.")
+    plot(table, d / "accuracy_vs_budget.png")
+    (d / "report.md").write_text(markdown(table, f"Sweep report: {experiment}", meta))
+    table.to_csv(d / "cells.csv", index=False)
+    return d / "report.md"

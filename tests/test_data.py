@@ -1,0 +1,63 @@
+"""The embedded benchmark: deterministic, balanced where it claims to be, and scored correctly."""
+import collections
+
+import numpy as np
+import pytest
+
+from harness.data import DatasetError, load_samples
+from harness.data import synthetic as syn
+
+
+def test_samples_are_deterministic_by_split_and_index():
+    a, b = syn.make_sample("test", 7), syn.make_sample("test", 7)
+    assert (a.question, a.answer) == (b.question, b.answer)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert np.asarray(syn.make_sample("val", 7).image).tobytes() != np.asarray(a.image).tobytes()
+
+
+def test_question_types_cycle_and_answers_are_balanced():
+    samples = load_samples("shapes", "test", samples_per_type=100)
+    by_type = collections.defaultdict(collections.Counter)
+    for s in samples:
+        by_type[s.qtype][s.answer] += 1
+    assert set(by_type) == set(syn.QUESTION_TYPES)
+    assert 40 <= by_type["exist"]["yes"] <= 60
+    for t in ("attribute", "count", "position", "text"):
+        majority = by_type[t].most_common(1)[0][1] / 100
+        assert majority <= 0.45, (t, by_type[t].most_common(3))
+
+
+def test_every_question_points_at_patches_that_hold_its_objects():
+    for i in range(60):
+        s = syn.make_sample("val", i)
+        rel = s.patch_relevance()
+        if s.qtype in ("attribute", "position", "text", "describe") or s.answer == "yes":
+            assert rel.sum() > 0
+            assert (rel > 0).sum() <= syn.NUM_PATCHES // 2
+        # the relevant patches are a subset of the patches that hold any object
+        assert np.all(s.patch_objectness()[rel > 0] > 0)
+
+
+def test_patch_labels_mark_the_object_cells():
+    s = syn.make_sample("val", 3)
+    labels = syn.patch_labels(s.objects)
+    for o in s.objects:
+        best = int(o.patch_pixels.argmax())
+        assert syn.PATCH_SHAPE_CLASSES[labels["shape"][best]] == o.shape
+
+
+def test_scoring():
+    assert syn.score("attribute", "Red", "red") == 1.0
+    assert syn.score("exist", "no", "yes") == 0.0
+    ref = "letter k at top ; large red circle at center"
+    assert syn.description_f1(ref, ref) == 1.0
+    assert syn.description_f1("large red circle at center", ref) == pytest.approx(2 / 3)
+    assert syn.description_f1("large blue circle at center", ref) == 0.0
+    assert syn.description_f1("", ref) == 0.0
+
+
+def test_bad_dataset_arguments_are_one_clear_error():
+    with pytest.raises(DatasetError, match="unknown dataset 'coco'.*allowed: shapes"):
+        load_samples("coco")
+    with pytest.raises(DatasetError, match="unknown split 'dev'"):
+        load_samples("shapes", "dev")

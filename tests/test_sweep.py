@@ -1,0 +1,49 @@
+"""End to end: a sweep through the CLI lands in MLflow as a parent run with one child per cell,
+and the report is rebuilt from MLflow alone."""
+import json
+
+import mlflow
+import pytest
+import yaml
+
+from harness.cli import main
+
+
+@pytest.mark.slow
+def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tmp_path, capsys):
+    exp = {"experiment": "e2e", "model": {"path": tiny_llava_dir},
+           "dataset": {"name": "shapes", "split": "val", "samples_per_type": 2},
+           "generation": {"max_new_tokens": 6}, "timing": {"warmup": 1}, "budgets": [0.4, 60],
+           "methods": ["baseline", {"name": "fastv", "settings": {"K": 1}}, "random", "oracle"]}
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump(exp))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["sweep", str(p), "--tracking-uri", uri, "--report-dir", str(tmp_path / "reports")]) == 0
+    out = capsys.readouterr().out
+    assert "sweep finished" in out and "report:" in out
+
+    mlflow.set_tracking_uri(uri)
+    e = mlflow.get_experiment_by_name("e2e")
+    runs = mlflow.search_runs([e.experiment_id])
+    parents = runs[runs["tags.role"] == "sweep"]
+    children = runs[runs["tags.role"] == "cell"]
+    assert len(parents) == 1 and len(children) == 7  # baseline + 3 methods x 2 budgets
+    assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
+    assert (children["status"] == "FINISHED").all()
+    base = children[children["params.method"] == "baseline"].iloc[0]
+    assert base["metrics.agreement_with_baseline"] == 1.0  # relative accuracy is undefined at 0 % (random weights)
+    assert base["metrics.equal_token_average"] == 144
+    for _, r in children[children["params.method"] != "baseline"].iterrows():
+        assert abs(r["metrics.equal_token_average"] - float(r["params.budget_tokens"])) <= 1
+        for key in ("params.dtype", "params.attn_implementation", "params.K", "metrics.prefill_ms",
+                    "metrics.decode_tokens_per_s", "metrics.accuracy_describe"):
+            assert key in r.index and r[key] == r[key]
+    # per-sample records are an artifact of each child run
+    local = mlflow.artifacts.download_artifacts(run_id=base["run_id"], artifact_path="samples.jsonl",
+                                                dst_path=str(tmp_path / "dl"))
+    lines = [json.loads(x) for x in open(local)]
+    assert len(lines) == 12 and {"prediction", "score", "keep", "visual_per_layer"} <= set(lines[0])
+
+    report = (tmp_path / "reports" / "e2e" / "report.md").read_text()
+    assert "| fastv |" in report and "| oracle |" in report
+    assert (tmp_path / "reports" / "e2e" / "accuracy_vs_budget.png").stat().st_size > 1000
