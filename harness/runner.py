@@ -38,7 +38,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, max_new_tokens: i
         rec: Record = generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=s)
         records.append({
             "uid": s.uid, "qtype": s.qtype, "question": s.question, "answer": s.answer,
-            "prediction": rec.text, "score": score(s, rec.text), "new_tokens": len(rec.tokens),
+            "prediction": rec.text, "tokens": rec.tokens, "score": score(s, rec.text), "new_tokens": len(rec.tokens),
             "vision_ms": rec.vision_ms, "prefill_ms": rec.prefill_ms, "select_ms": rec.select_ms,
             "decode_ms": rec.decode_ms, "equal_token_average": rec.equal_token_average,
             "visual_per_layer": rec.visual_per_layer, "keep": {str(k): v for k, v in rec.keep.items()},

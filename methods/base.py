@@ -134,6 +134,41 @@ class Method:
         return torch.arange(len(ctx.visual_rows))
 
 
+class LayerBudgetMethod(Method):
+    """Keeps N visual tokens from layer K on: layers 0..K-1 see all M, so N follows the equal-token
+    convention, N = (L*R - K*M) / (L - K). K = 0 (where allowed) prunes before the LLM and N = R."""
+    budgeted = True
+    min_k = 1
+    default_k = 2
+
+    def __init__(self, budget: Budget | None = None, K: int | None = None):
+        super().__init__(budget)
+        K = self.default_k if K is None else K
+        if isinstance(K, bool) or not isinstance(K, int) or K < self.min_k:
+            raise MethodError(f"{self.name}: K={K!r} is invalid; allowed: an integer >= {self.min_k}"
+                              + (" (0: before the LLM)" if self.min_k == 0 else ""))
+        self.K, self.keep_n = K, None
+
+    @classmethod
+    def allowed_settings(cls):
+        return ("K",)
+
+    def tokens_kept(self, budget_tokens: int, shape: ModelShape) -> int:
+        if self.K == 0:
+            return budget_tokens
+        return tokens_after_layer(budget_tokens, self.K, shape.num_layers, shape.num_visual, method=self.name)
+
+    def configure(self, shape: ModelShape) -> None:
+        super().configure(shape)
+        if self.K >= shape.num_layers:
+            raise MethodError(f"{self.name}: K={self.K} must be below the model's {shape.num_layers} layers")
+        self.keep_n = self.tokens_kept(self.budget.tokens(shape.num_visual), shape)
+        self.prune_layers = (self.K - 1,)
+
+    def params(self) -> dict:
+        return {**super().params(), "K": self.K, "keep_after_K": self.keep_n}
+
+
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, ties broken towards the lower index (deterministic)."""
     k = max(0, min(k, scores.numel()))

@@ -1,4 +1,5 @@
-"""Controls that keep the other methods honest: random selection (the floor) and the oracle.
+"""Controls that keep the other methods honest: random selection (the floor), the oracle (the
+ceiling) and blind (no visual token at all: what the language prior alone answers).
 
 Both keep a fixed number of visual tokens, by default before the LLM (layer -1: every layer sees
 R tokens, so the equal-token average is exactly R). With `K` >= 1 they instead act like FastV's
@@ -12,42 +13,30 @@ method that keeps that many tokens.
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
 
-from methods.base import LayerContext, Method, MethodError, ModelShape, register, tokens_after_layer, top_k_indices
+from methods.base import LayerBudgetMethod, LayerContext, Method, MethodError, register, top_k_indices
 
 
-class _FixedCount(Method):
-    budgeted = True
-
-    def __init__(self, budget=None, K: int = 0, seed: int = 0):
-        super().__init__(budget)
-        if isinstance(K, bool) or not isinstance(K, int) or K < 0:
-            raise MethodError(f"{self.name}: K={K!r} is invalid; allowed: 0 (before the LLM) or a layer count >= 1")
-        self.K, self.seed, self.keep_n = K, seed, None
-
-    @classmethod
-    def allowed_settings(cls):
-        return ("K", "seed")
-
-    def configure(self, shape: ModelShape) -> None:
-        super().configure(shape)
-        if self.K >= shape.num_layers:
-            raise MethodError(f"{self.name}: K={self.K} must be below the model's {shape.num_layers} layers")
-        r = self.budget.tokens(shape.num_visual)
-        self.keep_n = r if self.K == 0 else tokens_after_layer(
-            r, self.K, shape.num_layers, shape.num_visual, method=self.name)
-        self.prune_layers = (self.K - 1,)
-
-    def params(self) -> dict:
-        return {**super().params(), "K": self.K, "keep_after_K": self.keep_n}
+class _FixedCount(LayerBudgetMethod):
+    min_k = 0
+    default_k = 0
 
 
 @register
 class RandomPrune(_FixedCount):
     name = "random"
+
+    def __init__(self, budget=None, K: int = 0, seed: int = 0):
+        super().__init__(budget, K)
+        self.seed = seed
+
+    @classmethod
+    def allowed_settings(cls):
+        return ("K", "seed")
 
     def params(self) -> dict:
         return {**super().params(), "seed": self.seed}
@@ -69,6 +58,27 @@ class Oracle(_FixedCount):
         relevance = torch.as_tensor(ctx.sample.patch_relevance())
         objectness = torch.as_tensor(ctx.sample.patch_objectness())
         score = relevance * 1e4 + objectness  # relevant pixels first, then any object's pixels
-        patch = ctx.patch_ids.cpu()
-        return top_k_indices(score[patch], self.keep_n)
+        score = score[to_annotation_grid(ctx.shape.num_visual, score.numel())]
+        return top_k_indices(score[ctx.patch_ids.cpu()], self.keep_n)
+
+
+def to_annotation_grid(num_visual: int, num_annotated: int) -> torch.Tensor:
+    """For each of the model's visual tokens (a square grid, row-major), the annotated patch that
+    covers its centre, so a 12x12 annotation serves a 24x24 model (LLaVA-1.5 at 336 px) too."""
+    side, ann = math.isqrt(num_visual), math.isqrt(num_annotated)
+    if side * side != num_visual or ann * ann != num_annotated:
+        raise MethodError(f"oracle: needs square patch grids, got {num_visual} visual tokens and "
+                          f"{num_annotated} annotated patches")
+    centre = (torch.arange(side) * 2 + 1) * ann // (2 * side)
+    return (centre[:, None] * ann + centre[None, :]).flatten()
+
+
+@register
+class Blind(Method):
+    """Drops every visual token before the LLM: the answer comes from the language prior alone."""
+    name = "blind"
+    prune_layers = (-1,)
+
+    def select(self, ctx: LayerContext) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.long)
 

@@ -15,39 +15,30 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import LayerContext, Method, MethodError, ModelShape, register, tokens_after_layer, top_k_indices
+from methods.base import LayerBudgetMethod, LayerContext, MethodError, ModelShape, register, top_k_indices
 
 CONVENTIONS = ("equal_token", "keep_r")
 
 
 @register
-class FastV(Method):
+class FastV(LayerBudgetMethod):
     name = "fastv"
-    budgeted = True
 
     def __init__(self, budget=None, K: int = 2, convention: str = "equal_token"):
-        super().__init__(budget)
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-            raise MethodError(f"fastv: K={K!r} is invalid; allowed: an integer layer count >= 1")
+        super().__init__(budget, K)
         if convention not in CONVENTIONS:
             raise MethodError(f"fastv: convention {convention!r} is unknown; allowed: {', '.join(CONVENTIONS)}")
-        self.K, self.convention, self.keep_n = K, convention, None
+        self.convention = convention
 
     @classmethod
     def allowed_settings(cls):
         return ("K", "convention")
 
-    def configure(self, shape: ModelShape) -> None:
-        super().configure(shape)
-        if self.K >= shape.num_layers:
-            raise MethodError(f"fastv: K={self.K} must be below the model's {shape.num_layers} layers")
-        r = self.budget.tokens(shape.num_visual)
-        self.keep_n = r if self.convention == "keep_r" else tokens_after_layer(
-            r, self.K, shape.num_layers, shape.num_visual, method="fastv")
-        self.prune_layers = (self.K - 1,)
+    def tokens_kept(self, budget_tokens: int, shape: ModelShape) -> int:
+        return budget_tokens if self.convention == "keep_r" else super().tokens_kept(budget_tokens, shape)
 
     def params(self) -> dict:
-        return {**super().params(), "K": self.K, "convention": self.convention, "keep_after_K": self.keep_n}
+        return {**super().params(), "convention": self.convention}
 
     def select(self, ctx: LayerContext) -> torch.Tensor:
         last = torch.tensor([ctx.hidden.shape[1] - 1], device=ctx.hidden.device)

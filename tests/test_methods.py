@@ -63,3 +63,20 @@ def test_random_is_seeded_per_sample_and_oracle_keeps_the_question_patches(tiny_
     oracle = runs[2].keep[-1]
     relevant = set(torch.as_tensor(s.patch_relevance()).nonzero().flatten().tolist())
     assert 0 < len(relevant) <= 16 and relevant <= set(oracle)
+
+
+def test_oracle_grid_mapping_covers_a_finer_model_grid():
+    from methods.controls import to_annotation_grid
+
+    assert to_annotation_grid(144, 144).tolist() == list(range(144))
+    fine = to_annotation_grid(576, 144).view(24, 24)
+    assert fine[0, 0] == 0 and fine[0, 1] == 0 and fine[0, 2] == 1 and fine[23, 23] == 143
+    assert fine[2, 0] == 12
+
+
+def test_blind_removes_every_visual_token(tiny_llava_dir):
+    adapter = load_model(tiny_llava_dir)
+    s = syn.make_sample("val", 1)
+    x = adapter.inputs(s.image, s.question)
+    rec = generate(adapter, x["input_ids"], x["pixel_values"], build_method("blind"), 4, sample=s)
+    assert rec.visual_per_layer == [0] * adapter.num_layers and rec.keep == {-1: []}
