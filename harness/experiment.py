@@ -50,10 +50,16 @@ class Cell:
     budget: float | int | None
 
     @property
-    def label(self) -> str:
+    def series(self) -> str:
+        """The method with its settings: one curve of a budget sweep."""
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
+        return self.method + (f"[{extra}]" if extra else "")
+
+    @property
+    def label(self) -> str:
         b = "" if self.budget is None else f"@{self.budget}"
-        return f"{self.method}{b}" + (f"[{extra}]" if extra else "")
+        extra = self.series[len(self.method):]
+        return f"{self.method}{b}{extra}"
 
     def build(self):
         return build_method(self.method, self.budget, **self.settings)

@@ -45,7 +45,8 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, max_new_tokens: i
         })
     params = {**method.params(), "model": adapter.name, "dtype": adapter.dtype_name,
               "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
-              "num_visual": adapter.num_visual, "max_new_tokens": max_new_tokens, "cell": cell.label}
+              "num_visual": adapter.num_visual, "max_new_tokens": max_new_tokens, "cell": cell.label,
+              "series": cell.series}
     return CellResult(cell, params, aggregate(records, baseline), records)
 
 
@@ -56,6 +57,7 @@ def aggregate(records: list[dict], baseline: list[dict] | None) -> dict:
     m = {
         "accuracy": statistics.fmean(r["score"] for r in records),
         "vision_ms": med("vision_ms"), "prefill_ms": med("prefill_ms"), "select_ms": med("select_ms"),
+        "ttft_ms": statistics.median(r["vision_ms"] + r["prefill_ms"] for r in records),
         "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else float("nan"),
         "equal_token_average": statistics.fmean(r["equal_token_average"] for r in records),
         "samples": len(records),

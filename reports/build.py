@@ -19,7 +19,7 @@ def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
 
     table = pd.DataFrame({
         "method": col("params.method"),
-        "cell": col("params.cell"),
+        "series": col("params.series"),
         "budget_tokens": pd.to_numeric(col("params.budget_tokens"), errors="coerce"),
         "accuracy": col("metrics.accuracy"),
         "relative_accuracy": col("metrics.relative_accuracy"),
@@ -30,7 +30,7 @@ def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
         "equal_token_average": col("metrics.equal_token_average"),
     })
     table["_order"] = table["method"].ne("baseline")
-    table = table.sort_values(["_order", "method", "budget_tokens"], ascending=[True, True, False])
+    table = table.sort_values(["_order", "series", "budget_tokens"], ascending=[True, True, False])
     return table.drop(columns="_order").reset_index(drop=True)
 
 
@@ -46,7 +46,8 @@ def markdown(table: pd.DataFrame, title: str, meta: str) -> str:
     header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
     rows = "".join("| " + " | ".join(map(str, r)) + " |\n" for r in show.itertuples(index=False))
     return (f"# {title}\n\n{meta}\n\nAccuracy in %, relative accuracy against the baseline cell of "
-            f"the same sweep; prefill is the median time to first token; equal-token average is the "
+            f"the same sweep; prefill is the median time of the LLM's prompt pass (pruning included, vision
+encoding excluded); equal-token average is the "
             f"visual tokens each layer processed, averaged over layers (measured).\n\n{header}{rows}\n"
             f"![accuracy vs budget](accuracy_vs_budget.png)\n")
 
@@ -59,9 +60,12 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     base = table[table["method"] == "baseline"]
-    for method, g in table[table["method"] != "baseline"].groupby("method"):
+    swept = table[table["method"] != "baseline"]
+    for series, g in swept[swept["budget_tokens"].notna()].groupby("series"):
         g = g.sort_values("budget_tokens")
-        ax.plot(g["budget_tokens"], 100 * g["accuracy"], marker="o", label=method)
+        ax.plot(g["budget_tokens"], 100 * g["accuracy"], marker="o", label=series)
+    for _, r in swept[swept["budget_tokens"].isna()].iterrows():  # budget-free controls (blind)
+        ax.axhline(100 * r["accuracy"], color="grey", linestyle=":", label=r["series"])
     if not base.empty:
         ax.axhline(100 * base["accuracy"].iloc[0], color="black", linestyle="--", label="baseline (all tokens)")
     ax.set_xlabel("visual tokens retained (equal-token average)")
