@@ -46,8 +46,8 @@ def markdown(table: pd.DataFrame, title: str, meta: str) -> str:
     header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
     rows = "".join("| " + " | ".join(map(str, r)) + " |\n" for r in show.itertuples(index=False))
     return (f"# {title}\n\n{meta}\n\nAccuracy in %, relative accuracy against the baseline cell of "
-            f"the same sweep; prefill is the median time of the LLM's prompt pass (pruning included, vision
-encoding excluded); equal-token average is the "
+            f"the same sweep; prefill is the median time of the LLM's prompt pass (pruning included, vision "
+            f"encoding excluded); equal-token average is the "
             f"visual tokens each layer processed, averaged over layers (measured).\n\n{header}{rows}\n"
             f"![accuracy vs budget](accuracy_vs_budget.png)\n")
 

@@ -9,7 +9,11 @@ command after an interruption):
    answers from the language prior.
 2. full: every weight, next-token cross-entropy on the answers of multi-turn conversations
    (several independent questions about one image; the first turn has exactly the evaluation
-   prompt), plus the auxiliary loss at a lower weight.
+   prompt), plus the auxiliary loss at a lower weight. From full step --drop-from on, half of
+   the conversations lose a random fraction of their visual tokens (all of them 5 % of the time;
+   the rest keep their original position ids): without this the model, having only ever seen all
+   144 tokens, breaks whenever any token is pruned (even the oracle's), and answers gibberish
+   rather than its language prior when none is left.
 The auxiliary heads are training-only and are not saved with the model. At the end the model,
 processor and a training record are written to `<out>/final/` in float16.
 """
@@ -96,12 +100,43 @@ def vision_features(model, pixel_values):
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
-def lm_loss(model, feats, input_ids, labels, mask):
+def visual_dropout(step: int, batch: int, num_visual: int, seed: int, p: float = 0.5,
+                   p_all: float = 0.05) -> torch.Tensor:
+    """(batch, M) keep masks: each row, with probability p, keeps a uniform-random fraction of its
+    visual tokens (none with probability p_all); otherwise all of them."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    keep = torch.ones(batch, num_visual, dtype=torch.bool)
+    for b in range(batch):
+        if torch.rand((), generator=g) < p:
+            frac = 0.0 if torch.rand((), generator=g) < p_all / p else float(torch.rand((), generator=g))
+            n = round(frac * num_visual)
+            keep[b] = False
+            keep[b, torch.randperm(num_visual, generator=g)[:n]] = True
+    return keep
+
+
+def lm_loss(model, feats, input_ids, labels, mask, visual_keep=None):
     image = model.model.multi_modal_projector(feats)
     emb = model.get_input_embeddings()(input_ids)
-    slots = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb)
-    emb = emb.masked_scatter(slots, image.to(emb.dtype))
-    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    is_image = input_ids == model.config.image_token_id
+    emb = emb.masked_scatter(is_image.unsqueeze(-1).expand_as(emb), image.to(emb.dtype))
+    positions = None
+    if visual_keep is not None:  # drop visual tokens; the rest keep their original positions
+        rows = mask.bool().clone()
+        rows[is_image] = visual_keep.flatten()  # M image slots per row, in order
+        n = int(rows.sum(1).max())
+        new_emb = emb.new_zeros(emb.shape[0], n, emb.shape[2])
+        new_labels = labels.new_full((labels.shape[0], n), -100)
+        positions = torch.zeros(labels.shape[0], n, dtype=torch.long)
+        new_mask = torch.zeros(labels.shape[0], n, dtype=mask.dtype)
+        for b in range(emb.shape[0]):
+            idx = rows[b].nonzero().flatten()
+            new_emb[b, :len(idx)], new_labels[b, :len(idx)] = emb[b, idx], labels[b, idx]
+            positions[b, :len(idx)], new_mask[b, :len(idx)] = idx, 1
+        emb, labels, mask = new_emb, new_labels, new_mask
+    # (an explicit 2D mask also stops transformers from reading position gaps as packed sequences)
+    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask,
+                                        position_ids=positions).last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
     return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
@@ -138,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux-weight", type=float, default=0.3)
+    ap.add_argument("--drop-from", type=int, default=1800,
+                    help="full step from which half the conversations lose random visual tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -197,7 +234,10 @@ def main(argv=None):
             if vision_only:
                 loss, lm = aux_loss, torch.tensor(0.0)
             else:
-                lm = lm_loss(model, feats, ids, labels, mask)
+                keep = None
+                if step - args.vision_steps >= args.drop_from:
+                    keep = visual_dropout(step, ids.shape[0], syn.NUM_PATCHES, args.seed)
+                lm = lm_loss(model, feats, ids, labels, mask, keep)
                 loss = lm + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
