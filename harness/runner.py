@@ -26,11 +26,13 @@ class CellResult:
     records: list[dict]
 
 
-def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, max_new_tokens: int, warmup: int,
-             baseline: list[dict] | None = None) -> CellResult:
+def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict], max_new_tokens: int,
+             warmup: int, baseline: list[dict] | None = None) -> CellResult:
+    """One cell over the samples (`inputs`: their processed prompts). Relative metrics compare
+    with `baseline`'s records; the first baseline cell is its own reference; without a baseline
+    cell in the sweep there are no relative metrics."""
     method = cell.build()
     method.configure(ModelShape(adapter.num_layers, adapter.num_visual))
-    inputs = [adapter.inputs(s.image, s.question) for s in samples]
     for s, x in list(zip(samples, inputs))[:warmup]:  # untimed warm-up, results discarded
         generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=s)
     records = []
@@ -47,7 +49,8 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, max_new_tokens: i
               "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
               "num_visual": adapter.num_visual, "max_new_tokens": max_new_tokens, "cell": cell.label,
               "series": cell.series}
-    return CellResult(cell, params, aggregate(records, baseline), records)
+    reference = records if cell.method == "baseline" and baseline is None else baseline
+    return CellResult(cell, params, aggregate(records, reference), records)
 
 
 def aggregate(records: list[dict], baseline: list[dict] | None) -> dict:
@@ -77,6 +80,7 @@ def aggregate(records: list[dict], baseline: list[dict] | None) -> dict:
 def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, progress=print) -> tuple[str, list[CellResult]]:
     adapter = load_model(exp.model["path"], exp.model["dtype"], exp.model["attn_implementation"])
     samples = load_samples(exp.dataset["name"], exp.dataset["split"], exp.dataset["samples_per_type"])
+    inputs = [adapter.inputs(s.image, s.question) for s in samples]  # once, shared by every cell
     cells = sorted(exp.cells, key=lambda c: c.method != "baseline")  # baseline first
     results: list[CellResult] = []
     baseline = None
@@ -88,11 +92,11 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, pr
     with sweep_run(tracking_uri, exp.name, run_name, sweep_params, tags, exp.source) as (parent_id, log_cell):
         for i, cell in enumerate(cells, 1):
             t0 = time.perf_counter()
-            res = run_cell(adapter, cell, samples, exp.generation["max_new_tokens"], exp.timing["warmup"], baseline)
+            res = run_cell(adapter, cell, samples, inputs, exp.generation["max_new_tokens"],
+                           exp.timing["warmup"], baseline)
             res.params.update(dataset=exp.dataset["name"], split=exp.dataset["split"])
             if cell.method == "baseline" and baseline is None:
                 baseline = res.records
-                res.metrics.update(aggregate(res.records, baseline))
             log_cell(cell.label, res.params, res.metrics, res.records)
             results.append(res)
             progress(f"[{i}/{len(cells)}] {cell.label:<28} acc {res.metrics['accuracy']:.3f}  "

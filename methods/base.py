@@ -13,7 +13,7 @@ R into its own settings in `configure` and reports them in `params()`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -55,21 +55,20 @@ class Budget:
 
 
 def tokens_after_layer(budget_tokens: int, first_pruned: int, num_layers: int, num_visual: int,
-                       last_layer: int | None = None, method: str = "") -> int:
-    """Tokens N kept in layers first_pruned..last_layer-1 so the layer average is R.
+                       method: str = "") -> int:
+    """Tokens N kept in layers first_pruned..L-1 so the layer average is R.
 
-    Layers 0..first_pruned-1 see all M tokens and layers from last_layer on see none (TwigVLM's
-    FinalWipe; None = no wipe): N = (L*R - K*M) / (last - K), rounded to the nearest integer.
+    Layers 0..first_pruned-1 see all M tokens: N = (L*R - K*M) / (L - K), rounded to the nearest
+    integer.
     """
-    last = num_layers if last_layer is None else last_layer
     spare = num_layers * budget_tokens - first_pruned * num_visual
-    if spare <= 0 or last <= first_pruned:
+    if spare <= 0:
         raise MethodError(
             f"{method}: budget {budget_tokens} tokens is impossible with K={first_pruned} on a "
             f"{num_layers}-layer model with {num_visual} visual tokens (layers 0..K-1 alone average "
             f"{first_pruned * num_visual / num_layers:.1f} tokens); allowed: a budget above that, "
             f"or a smaller K")
-    n = round(spare / (last - first_pruned))
+    n = round(spare / (num_layers - first_pruned))
     if n > num_visual:
         raise MethodError(f"{method}: budget {budget_tokens} tokens needs {n} > {num_visual} tokens "
                           f"after layer {first_pruned}; allowed: a smaller budget or a larger K")
@@ -92,7 +91,6 @@ class LayerContext:
     attention: Callable[[torch.Tensor], torch.Tensor] | None  # rows -> (n, S) head-mean probs
     shape: ModelShape
     sample: object = None  # the dataset sample (the oracle reads its patch annotations)
-    text_rows: torch.Tensor = field(default=None)  # rows after the image (the instruction)
 
 
 class Method:
@@ -139,11 +137,9 @@ class LayerBudgetMethod(Method):
     convention, N = (L*R - K*M) / (L - K). K = 0 (where allowed) prunes before the LLM and N = R."""
     budgeted = True
     min_k = 1
-    default_k = 2
 
-    def __init__(self, budget: Budget | None = None, K: int | None = None):
+    def __init__(self, budget: Budget | None, K: int):
         super().__init__(budget)
-        K = self.default_k if K is None else K
         if isinstance(K, bool) or not isinstance(K, int) or K < self.min_k:
             raise MethodError(f"{self.name}: K={K!r} is invalid; allowed: an integer >= {self.min_k}"
                               + (" (0: before the LLM)" if self.min_k == 0 else ""))

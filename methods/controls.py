@@ -23,7 +23,9 @@ from methods.base import LayerBudgetMethod, LayerContext, Method, MethodError, r
 
 class _FixedCount(LayerBudgetMethod):
     min_k = 0
-    default_k = 0
+
+    def __init__(self, budget=None, K: int = 0):
+        super().__init__(budget, K)
 
 
 @register

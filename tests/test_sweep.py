@@ -47,3 +47,20 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
     report = (tmp_path / "reports" / "e2e" / "report.md").read_text()
     assert "| fastv |" in report and "| oracle |" in report
     assert (tmp_path / "reports" / "e2e" / "accuracy_vs_budget.png").stat().st_size > 1000
+
+
+def test_relative_metrics_need_a_baseline_cell(tiny_llava_dir):
+    from harness.data import load_samples
+    from harness.experiment import Cell
+    from harness.models.adapter import load_model
+    from harness.runner import run_cell
+
+    adapter = load_model(tiny_llava_dir)
+    samples = load_samples("shapes", "val", 1)
+    inputs = [adapter.inputs(s.image, s.question) for s in samples]
+    alone = run_cell(adapter, Cell("random", {}, 60), samples, inputs, 3, 0)
+    assert "relative_accuracy" not in alone.metrics and "agreement_with_baseline" not in alone.metrics
+    base = run_cell(adapter, Cell("baseline", {}, None), samples, inputs, 3, 0)
+    assert base.metrics["agreement_with_baseline"] == 1.0
+    other = run_cell(adapter, Cell("random", {}, 60), samples, inputs, 3, 0, baseline=base.records)
+    assert other.metrics["agreement_with_baseline"] < 1.0

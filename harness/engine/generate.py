@@ -95,12 +95,6 @@ class Record:
     def equal_token_average(self) -> float:
         return sum(self.visual_per_layer) / len(self.visual_per_layer)
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        # the first token comes from prefill; decode produced the rest
-        n = len(self.tokens) - 1
-        return n / (self.decode_ms / 1e3) if n > 0 and self.decode_ms > 0 else float("nan")
-
 
 # ------------------------------------------------------------------------------ stages
 
@@ -142,7 +136,6 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
         prompt_len = hidden.shape[1]
         positions = torch.arange(prompt_len, device=device)
         visual_rows = image_slots.clone()
-        text_rows = torch.arange(int(image_slots[-1]) + 1, prompt_len, device=device)
         cos, sin = adapter.rotary(hidden, positions[None])
         shape = ModelShape(adapter.num_layers, m)
         cache = DynamicCache(config=adapter.model.config.text_config)
@@ -152,10 +145,9 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
         select_s = 0.0
 
         def prune(layer_idx, hidden, attention):
-            nonlocal positions, visual_rows, patch_ids, cos, sin, text_rows, select_s
+            nonlocal positions, visual_rows, patch_ids, cos, sin, select_s
             ts = time.perf_counter()
-            ctx = LayerContext(layer_idx, hidden, visual_rows, patch_ids, attention, shape, sample,
-                               text_rows)
+            ctx = LayerContext(layer_idx, hidden, visual_rows, patch_ids, attention, shape, sample)
             keep = torch.sort(method.select(ctx).to(device)).values
             n = hidden.shape[1]
             is_visual = torch.zeros(n, dtype=torch.bool, device=device)
@@ -166,7 +158,6 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
             new_index = torch.cumsum(keep_mask, 0) - 1  # old row -> new row
             positions, cos, sin = positions[rows], cos[:, rows], sin[:, rows]
             visual_rows, patch_ids = new_index[visual_rows[keep]], patch_ids[keep]
-            text_rows = new_index[text_rows]
             keep_log[layer_idx] = patch_ids.tolist()
             select_s += time.perf_counter() - ts
             return hidden[:, rows]

@@ -32,13 +32,18 @@ def resolve_model_path(path: str) -> Path:
     return p
 
 
+def visual_token_count(image_size: int, patch_size: int, select_strategy: str) -> int:
+    """Visual tokens per image: the patch grid, plus CLS unless the "default" strategy drops it."""
+    return (image_size // patch_size) ** 2 + (0 if select_strategy == "default" else 1)
+
+
 def read_shape(path: str) -> dict:
     """Layer count and visual-token count from config.json, without loading weights."""
     cfg = json.loads((resolve_model_path(path) / "config.json").read_text())
-    vision, text = cfg["vision_config"], cfg["text_config"]
-    per_side = vision["image_size"] // vision["patch_size"]
-    extra = 0 if cfg.get("vision_feature_select_strategy", "default") == "default" else 1
-    return {"num_layers": text["num_hidden_layers"], "num_visual": per_side * per_side + extra}
+    vision = cfg["vision_config"]
+    return {"num_layers": cfg["text_config"]["num_hidden_layers"],
+            "num_visual": visual_token_count(vision["image_size"], vision["patch_size"],
+                                             cfg.get("vision_feature_select_strategy", "default"))}
 
 
 @dataclass
@@ -64,9 +69,9 @@ class ModelAdapter:
 
     @property
     def num_visual(self) -> int:
-        vc = self.model.config.vision_config
-        per_side = vc.image_size // vc.patch_size
-        return per_side * per_side + (0 if self.model.config.vision_feature_select_strategy == "default" else 1)
+        cfg = self.model.config
+        return visual_token_count(cfg.vision_config.image_size, cfg.vision_config.patch_size,
+                                  cfg.vision_feature_select_strategy)
 
     @property
     def image_token_id(self) -> int:
