@@ -7,9 +7,10 @@ schedule: layers 0..K-1 see everything and N = (L*R - K*M) / (L - K) tokens go o
 compared with a layer-K method at the same layer.
 
 The oracle keeps the patches that hold the objects the question is about (the dataset knows them:
-the embedded benchmark annotates every sample), ranked by how many of their pixels each patch
-covers, then patches of other objects, then background in index order. It is the ceiling for any
-method that keeps that many tokens.
+the embedded benchmark annotates every sample), then patches of other objects, then background
+in index order. Within each group the objects take turns, best-covered patch first (the
+dataset's `patch_priority`), so that at a small budget a count or description question still
+sees every object it is about. It is the ceiling for any method that keeps that many tokens.
 """
 from __future__ import annotations
 
@@ -54,12 +55,10 @@ class Oracle(_FixedCount):
     name = "oracle"
 
     def select(self, ctx: LayerContext) -> torch.Tensor:
-        if ctx.sample is None or not hasattr(ctx.sample, "patch_relevance"):
+        if ctx.sample is None or not hasattr(ctx.sample, "patch_priority"):
             raise MethodError("oracle needs a dataset that annotates which patches each question is "
                               "about (the embedded 'shapes' benchmark does)")
-        relevance = torch.as_tensor(ctx.sample.patch_relevance())
-        objectness = torch.as_tensor(ctx.sample.patch_objectness())
-        score = relevance * 1e4 + objectness  # relevant pixels first, then any object's pixels
+        score = torch.as_tensor(ctx.sample.patch_priority())
         score = score[to_annotation_grid(ctx.shape.num_visual, score.numel())]
         return top_k_indices(score[ctx.patch_ids.cpu()], self.keep_n)
 

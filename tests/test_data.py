@@ -38,6 +38,26 @@ def test_every_question_points_at_patches_that_hold_its_objects():
         assert np.all(s.patch_objectness()[rel > 0] > 0)
 
 
+def test_oracle_priority_lets_every_relevant_object_take_turns():
+    checked = 0
+    for i in range(120):
+        s = syn.make_sample("val", i)
+        if len(s.relevant) < 3:
+            continue
+        prio = s.patch_priority()
+        k = len(s.relevant)
+        top = set(np.argsort(-prio, kind="stable")[:k].tolist())
+        # the first k patches are one per relevant object: each object's best-covered patch
+        for j in s.relevant:
+            pix = s.objects[j].patch_pixels
+            assert pix[list(top)].max() == pix.max(), (s.uid, j)
+        # every relevant object's patches outrank every other patch
+        rel = s.patch_relevance() > 0
+        assert prio[rel].min() > prio[~rel].max()
+        checked += 1
+    assert checked >= 10
+
+
 def test_patch_labels_mark_the_object_cells():
     s = syn.make_sample("val", 3)
     labels = syn.patch_labels(s.objects)

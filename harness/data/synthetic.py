@@ -85,6 +85,21 @@ class Sample:
             out += self.objects[i].patch_pixels
         return out
 
+    def patch_priority(self) -> np.ndarray:
+        """Oracle order of the patches, shape (144,), higher first: patches of the question's
+        objects, then of the other objects, then background. Within a group the objects take
+        turns (every object's best-covered patch, then every object's second best, ...), so a
+        small budget still sees each object rather than only the largest one's interior."""
+        score = np.zeros(NUM_PATCHES, dtype=np.float64)
+        for group, members in ((2, set(self.relevant)), (1, set(range(len(self.objects))) - set(self.relevant))):
+            for i in members:
+                pix = self.objects[i].patch_pixels
+                order = np.argsort(-pix, kind="stable")[: int((pix > 0).sum())]
+                for rank, p in enumerate(order):
+                    value = group * 1e6 - rank * 1e3 + pix[p]
+                    score[p] = max(score[p], value)
+        return score
+
     def patch_objectness(self) -> np.ndarray:
         """Pixels of any object covered in each patch, shape (144,)."""
         return sum((o.patch_pixels for o in self.objects), np.zeros(NUM_PATCHES, np.float32))
@@ -232,17 +247,24 @@ def make_sample(split: str, index: int, qtype: str | None = None) -> Sample:
     return Sample(f"{split}-{index}", image, question, answer, qtype, objects, relevant)
 
 
-def make_conversation(index: int, max_turns: int = 4) -> tuple[Image.Image, list[tuple[str, str]],
-                                                                 list[SceneObject]]:
-    """A training conversation: one scene, several independent questions (for training only)."""
+def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, float] | None = None
+                      ) -> tuple[Image.Image, list[tuple[str, str]], list[SceneObject], list[list[int]]]:
+    """A training conversation: one scene, several independent questions (for training only).
+
+    Returns the image, the (question, answer) turns, the objects and, per turn, the indices of the
+    objects that turn is about. `type_weights` (question type -> relative frequency, 1 when not
+    named) skews the mix of question types; None draws them uniformly.
+    """
     rng = random.Random(f"train-conv-{index}")
     image, objects = render_scene(rng)
-    turns = []
+    weights = None if type_weights is None else [type_weights.get(t, 1.0) for t in QUESTION_TYPES]
+    turns, relevant = [], []
     for _ in range(rng.randint(1, max_turns)):
-        qtype = rng.choice(QUESTION_TYPES)
-        q, a, _ = ask(qtype, objects, rng)
+        qtype = rng.choice(QUESTION_TYPES) if weights is None else rng.choices(QUESTION_TYPES, weights)[0]
+        q, a, hits = ask(qtype, objects, rng)
         turns.append((q, a))
-    return image, turns, objects
+        relevant.append(hits)
+    return image, turns, objects, relevant
 
 
 def patch_labels(objects: list[SceneObject]) -> dict[str, np.ndarray]:

@@ -57,10 +57,12 @@ def pixels(images) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
-def encode_conversation(tok, turns, image_token_id, n_image):
-    """Token ids and labels (answers and their </s> only) of a multi-turn LLaVA-1.5 conversation."""
+def encode_conversation(tok, turns, image_token_id, n_image, turn_mean: bool = False):
+    """Token ids, labels (answers and their </s> only) and label weights of a multi-turn LLaVA-1.5
+    conversation. Weights are 1 per answer token, or 1/len per answer token with `turn_mean`
+    (every turn then weighs the same, whether its answer is one word or a description)."""
     vocab = tok.get_vocab()
-    ids, labels = [tok.bos_token_id], [-100]
+    ids, labels, weights = [tok.bos_token_id], [-100], [0.0]
 
     def words(text):
         return [vocab[w] for w in text.split()]
@@ -70,34 +72,8 @@ def encode_conversation(tok, turns, image_token_id, n_image):
         ans = words(a) + [tok.eos_token_id]
         ids += head + ans
         labels += [-100] * len(head) + ans
-    return ids, labels
-
-
-def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int):
-    images, seqs, labs, patch = [], [], [], {k: [] for k in ("color", "shape", "letter")}
-    for b in range(batch):
-        image, turns, objects = syn.make_conversation(seed * 10_000_000 + step * batch + b)
-        ids, lab = encode_conversation(tok, turns, image_token_id, syn.NUM_PATCHES)
-        images.append(image)
-        seqs.append(ids)
-        labs.append(lab)
-        for k, v in syn.patch_labels(objects).items():
-            patch[k].append(v)
-    n = max(map(len, seqs))
-    input_ids = torch.full((batch, n), tok.pad_token_id)
-    labels = torch.full((batch, n), -100)
-    mask = torch.zeros((batch, n), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labs)):
-        input_ids[i, :len(s)] = torch.tensor(s)
-        labels[i, :len(l)] = torch.tensor(l)
-        mask[i, :len(s)] = 1
-    patch = {k: torch.from_numpy(np.stack(v)) for k, v in patch.items()}
-    return pixels(images), input_ids, labels, mask, patch
-
-
-def vision_features(model, pixel_values):
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+        weights += [0.0] * len(head) + [1.0 / len(ans) if turn_mean else 1.0] * len(ans)
+    return ids, labels, weights
 
 
 def visual_dropout(step: int, batch: int, num_visual: int, seed: int, p: float = 0.5,
@@ -115,7 +91,66 @@ def visual_dropout(step: int, batch: int, num_visual: int, seed: int, p: float =
     return keep
 
 
-def lm_loss(model, feats, input_ids, labels, mask, visual_keep=None):
+def object_keep(relevance: np.ndarray, g: torch.Generator) -> torch.Tensor:
+    """An oracle-like keep mask: most of the patches that hold the question's objects (each
+    object's best-covered patches first), plus a uniform-random fraction of the others."""
+    rel = torch.from_numpy(relevance)
+    order = rel.argsort(descending=True)[: int((rel > 0).sum())]
+    n_rel = len(order)
+    keep = torch.zeros(len(rel), dtype=torch.bool)
+    if n_rel:
+        lo = max(1, (n_rel + 1) // 2)
+        keep[order[: int(torch.randint(lo, n_rel + 1, (), generator=g))]] = True
+    others = (~keep).nonzero().flatten()
+    frac = float(torch.rand((), generator=g)) ** 2  # mostly few extra tokens
+    keep[others[torch.randperm(len(others), generator=g)[: round(frac * len(others))]]] = True
+    return keep
+
+
+def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop: bool = False,
+             object_drop: float = 0.0, type_weights=None, turn_mean: bool = False):
+    """One training batch. With `drop`, rows lose visual tokens (see visual_dropout); of the rows
+    that do, a fraction `object_drop` instead keeps an oracle-like subset around the first
+    question's objects (object_keep) and is cut to that one question."""
+    convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, type_weights=type_weights)
+             for b in range(batch)]
+    keep = visual_dropout(step, batch, syn.NUM_PATCHES, seed) if drop else None
+    if drop and object_drop > 0:
+        g = torch.Generator().manual_seed(seed * 7_000_009 + step)
+        for b, (_, turns, objects, relevant) in enumerate(convs):
+            if not bool(keep[b].all()) and float(torch.rand((), generator=g)) < object_drop:
+                rel = sum((objects[i].patch_pixels for i in relevant[0]), np.zeros(syn.NUM_PATCHES, np.float32))
+                keep[b] = object_keep(rel, g)
+                convs[b] = (convs[b][0], turns[:1], objects, relevant[:1])
+    images, seqs, labs, wts, patch = [], [], [], [], {k: [] for k in ("color", "shape", "letter")}
+    for image, turns, objects, _ in convs:
+        ids, lab, w = encode_conversation(tok, turns, image_token_id, syn.NUM_PATCHES, turn_mean)
+        images.append(image)
+        seqs.append(ids)
+        labs.append(lab)
+        wts.append(w)
+        for k, v in syn.patch_labels(objects).items():
+            patch[k].append(v)
+    n = max(map(len, seqs))
+    input_ids = torch.full((batch, n), tok.pad_token_id)
+    labels = torch.full((batch, n), -100)
+    weights = torch.zeros((batch, n))
+    mask = torch.zeros((batch, n), dtype=torch.long)
+    for i, (s, l, w) in enumerate(zip(seqs, labs, wts)):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        labels[i, :len(l)] = torch.tensor(l)
+        weights[i, :len(w)] = torch.tensor(w)
+        mask[i, :len(s)] = 1
+    patch = {k: torch.from_numpy(np.stack(v)) for k, v in patch.items()}
+    return pixels(images), input_ids, labels, weights, mask, patch, keep
+
+
+def vision_features(model, pixel_values):
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def lm_loss(model, feats, input_ids, labels, weights, mask, visual_keep=None):
     image = model.model.multi_modal_projector(feats)
     emb = model.get_input_embeddings()(input_ids)
     is_image = input_ids == model.config.image_token_id
@@ -127,18 +162,23 @@ def lm_loss(model, feats, input_ids, labels, mask, visual_keep=None):
         n = int(rows.sum(1).max())
         new_emb = emb.new_zeros(emb.shape[0], n, emb.shape[2])
         new_labels = labels.new_full((labels.shape[0], n), -100)
+        new_weights = weights.new_zeros(labels.shape[0], n)
         positions = torch.zeros(labels.shape[0], n, dtype=torch.long)
         new_mask = torch.zeros(labels.shape[0], n, dtype=mask.dtype)
         for b in range(emb.shape[0]):
             idx = rows[b].nonzero().flatten()
             new_emb[b, :len(idx)], new_labels[b, :len(idx)] = emb[b, idx], labels[b, idx]
+            new_weights[b, :len(idx)] = weights[b, idx]
             positions[b, :len(idx)], new_mask[b, :len(idx)] = idx, 1
-        emb, labels, mask = new_emb, new_labels, new_mask
+        emb, labels, weights, mask = new_emb, new_labels, new_weights, new_mask
     # (an explicit 2D mask also stops transformers from reading position gaps as packed sequences)
     hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask,
                                         position_ids=positions).last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                         reduction="none")
+    w = weights[:, 1:].flatten()
+    return (ce * w).sum() / w.sum()
 
 
 @torch.no_grad()
@@ -165,6 +205,20 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name not in syn.QUESTION_TYPES:
+            raise argparse.ArgumentTypeError(
+                f"unknown question type {name!r}; allowed: {', '.join(syn.QUESTION_TYPES)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {name!r} must be a number, got {value!r}")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="build/train-embedded")
@@ -178,8 +232,20 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-n", type=int, default=20, help="validation samples per question type")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--init-from", default=None,
+                    help="continue from a saved model directory (fine-tuning; no vision stage)")
+    ap.add_argument("--warmup", type=int, default=300, help="full-stage warm-up steps")
+    ap.add_argument("--type-weights", default=None, type=parse_weights,
+                    help="question-type mix, e.g. count=2,exist=2 (others 1); default uniform")
+    ap.add_argument("--turn-mean", action="store_true",
+                    help="every answer turn weighs the same in the loss (default: every token)")
+    ap.add_argument("--object-drop", type=float, default=0.0,
+                    help="fraction of the dropped rows that keep an oracle-like subset instead")
     args = ap.parse_args(argv)
+    if args.init_from:
+        args.vision_steps = 0
 
     from transformers import LlavaForConditionalGeneration
 
@@ -196,7 +262,11 @@ def main(argv=None):
     random.seed(args.seed)
     config = embedded.build_config()
     config.text_config._attn_implementation = "sdpa"
-    model = LlavaForConditionalGeneration(config)
+    if args.init_from:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        model.config.text_config._attn_implementation = "sdpa"
+    else:
+        model = LlavaForConditionalGeneration(config)
     aux = AuxHeads(config.vision_config.hidden_size)
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -225,19 +295,19 @@ def main(argv=None):
         vision_only = step < args.vision_steps
         for g in opt.param_groups:
             g["lr"] = lr_at(step if vision_only else step - args.vision_steps,
-                            args.vision_steps if vision_only else args.steps, args.lr, 100 if vision_only else 300)
-        pv, ids, labels, mask, patch = batch_of(step, args.batch * (2 if vision_only else 1), tok,
-                                                config.image_token_id, args.seed)
+                            args.vision_steps if vision_only else args.steps, args.lr, 100 if vision_only else args.warmup)
+        drop = not vision_only and step - args.vision_steps >= args.drop_from
+        pv, ids, labels, weights, mask, patch, keep = batch_of(
+            step, args.batch * (2 if vision_only else 1), tok, config.image_token_id, args.seed,
+            drop=drop, object_drop=args.object_drop, type_weights=args.type_weights,
+            turn_mean=args.turn_mean)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             feats = vision_features(model, pv)
             aux_loss = aux.loss(feats, patch)
             if vision_only:
                 loss, lm = aux_loss, torch.tensor(0.0)
             else:
-                keep = None
-                if step - args.vision_steps >= args.drop_from:
-                    keep = visual_dropout(step, ids.shape[0], syn.NUM_PATCHES, args.seed)
-                lm = lm_loss(model, feats, ids, labels, mask, keep)
+                lm = lm_loss(model, feats, ids, labels, weights, mask, keep)
                 loss = lm + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -256,7 +326,7 @@ def main(argv=None):
         done = state["step"] == total
         if not vision_only and (state["step"] - args.vision_steps) % args.eval_every == 0 or done:
             if not vision_only:
-                scores = evaluate(model, processor)
+                scores = evaluate(model, processor, args.eval_n)
                 state["log"].append({"step": state["step"], "val": scores})
                 print(json.dumps({"step": state["step"], "val": scores}), flush=True)
         if state["step"] % args.ckpt_every == 0 or done:
