@@ -44,6 +44,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
             "vision_ms": rec.vision_ms, "prefill_ms": rec.prefill_ms, "select_ms": rec.select_ms,
             "decode_ms": rec.decode_ms, "equal_token_average": rec.equal_token_average,
             "visual_per_layer": rec.visual_per_layer, "keep": {str(k): v for k, v in rec.keep.items()},
+            "merged": {str(k): {str(p): src for p, src in v.items()} for k, v in rec.merged.items()},
         })
     params = {**method.params(), "model": adapter.name, "dtype": adapter.dtype_name,
               "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,

@@ -13,7 +13,7 @@ R into its own settings in `configure` and reports them in `params()`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -83,14 +83,61 @@ class ModelShape:
 
 @dataclass
 class LayerContext:
-    """What a method sees after a prefill layer: the state of the pruned sequence."""
+    """What a method sees after a prefill layer: the state of the pruned sequence.
+
+    The visual tokens always form one contiguous block of rows (text before and after the image is
+    never pruned; recycled or merged tokens sit at the end of the block)."""
     layer: int  # the layer that just ran (-1: input embeddings)
     hidden: torch.Tensor  # (1, S, D) that layer's output
     visual_rows: torch.Tensor  # (V,) rows of `hidden` that are visual tokens, ascending
-    patch_ids: torch.Tensor  # (V,) original visual index (0..M-1) of each of those rows
+    patch_ids: torch.Tensor  # (V,) original visual index (0..M-1) each of those rows stands for
     attention: Callable[[torch.Tensor], torch.Tensor] | None  # rows -> (n, S) head-mean probs
     shape: ModelShape
     sample: object = None  # the dataset sample (the oracle reads its patch annotations)
+    positions: torch.Tensor | None = None  # (S,) position ids of the rows
+
+    @property
+    def text_after(self) -> torch.Tensor:
+        """Rows after the image (the question and the assistant prefix)."""
+        start = int(self.visual_rows[-1]) + 1 if len(self.visual_rows) else self.hidden.shape[1]
+        return torch.arange(start, self.hidden.shape[1], device=self.hidden.device)
+
+
+@dataclass
+class Selection:
+    """A layer-stage answer richer than a keep index: new tokens (e.g. recycled clusters) placed
+    after the kept visual tokens, with their position ids and the patches each one merges."""
+    keep: torch.Tensor  # indices into ctx.visual_rows
+    added_hidden: torch.Tensor | None = None  # (n, D)
+    added_positions: torch.Tensor | None = None  # (n,)
+    added_patch_ids: torch.Tensor | None = None  # (n,) the patch each new token stands for
+    merged: dict[int, list[int]] = field(default_factory=dict)  # patch id -> patches merged into it
+
+
+@dataclass
+class TowerState:
+    """Vision-tower internals at the layer whose output the model feeds to the projector."""
+    hidden: torch.Tensor  # (N+1, Dv) that layer's output, CLS first
+    cls_attention: torch.Tensor  # (H, N+1) that layer's softmax attention of the CLS query, per head
+    keys: torch.Tensor  # (N+1, Dv/H) that layer's key vectors, averaged over heads
+
+
+@dataclass
+class VisionContext:
+    """What a method sees at the vision stage; each part is computed on first use."""
+    default_features: Callable[[], torch.Tensor]  # (M, D) the visual tokens the model would use
+    tower_state: Callable[[], TowerState]
+    project: Callable[[torch.Tensor], torch.Tensor]  # (n, Dv) tower features -> (n, D) LLM tokens
+    shape: ModelShape
+    sample: object = None
+
+
+@dataclass
+class Reduced:
+    """A vision-stage answer: the tokens the LLM sees instead of the M visual tokens."""
+    features: torch.Tensor  # (M', D)
+    patch_ids: torch.Tensor  # (M',) the patch each token stands for (-1: the CLS token)
+    merged: dict[int, list[int]] = field(default_factory=dict)  # patch id -> patches merged into it
 
 
 class Method:
@@ -123,12 +170,15 @@ class Method:
             p["budget_ratio"] = round(1 - p["budget_tokens"] / self.shape.num_visual, 4)
         return p
 
-    def vision(self, features: torch.Tensor, sample=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Optionally reduce (M, D) projected features; return (features, patch ids) or None."""
+    def vision(self, ctx: VisionContext) -> Reduced | None:
+        """Optionally replace the M visual tokens before the LLM; None keeps them."""
         return None
 
-    def select(self, ctx: LayerContext) -> torch.Tensor:
-        """Indices into ctx.visual_rows of the visual tokens to keep (any order)."""
+    def prepare(self, ctx: LayerContext) -> None:
+        """Called once per prompt on the input embeddings (layer -1), before any layer runs."""
+
+    def select(self, ctx: LayerContext) -> torch.Tensor | Selection:
+        """Indices into ctx.visual_rows of the visual tokens to keep (any order), or a Selection."""
         return torch.arange(len(ctx.visual_rows))
 
 

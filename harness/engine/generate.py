@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from harness.models.adapter import ModelAdapter
-from methods.base import LayerContext, Method, ModelShape
+from methods.base import LayerContext, Method, ModelShape, Reduced, Selection, VisionContext
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -75,6 +75,7 @@ class Prefill:
     prompt_len: int  # unpruned prompt length: decode positions continue from here
     visual_per_layer: list[int]  # visual tokens each layer processed
     keep: dict[int, list[int]]  # after-layer -> original visual indices kept (-1: before the LLM)
+    merged: dict[int, dict[int, list[int]]]  # after-layer -> {merged token's patch id: its patches}
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
     select_ms: float = 0.0  # time spent in methods' selection (pruning overhead), inside prefill
@@ -90,6 +91,7 @@ class Record:
     decode_ms: float
     visual_per_layer: list[int]
     keep: dict[int, list[int]] = field(default_factory=dict)
+    merged: dict[int, dict[int, list[int]]] = field(default_factory=dict)
 
     @property
     def equal_token_average(self) -> float:
@@ -98,14 +100,22 @@ class Record:
 
 # ------------------------------------------------------------------------------ stages
 
-def encode_vision(adapter: ModelAdapter, pixel_values: torch.Tensor, method: Method, sample=None):
-    """Projected visual tokens (M', D) and their original indices, after the method's vision stage."""
-    feats = adapter.image_features(pixel_values)[0]
-    patch_ids = torch.arange(feats.shape[0], device=feats.device)
-    reduced = method.vision(feats, sample)
-    if reduced is not None:
-        feats, patch_ids = reduced
-    return feats, patch_ids
+def encode_vision(adapter: ModelAdapter, pixel_values: torch.Tensor, method: Method, sample=None) -> Reduced:
+    """The visual tokens the LLM sees: the model's own, or what the method's vision stage makes."""
+    states = adapter.vision_hidden_states(pixel_values)
+    memo: dict = {}
+
+    def once(key, fn):
+        return lambda: memo[key] if key in memo else memo.setdefault(key, fn())
+
+    default = once("default", lambda: adapter.default_features(states))
+    ctx = VisionContext(default, once("tower", lambda: adapter.tower_state(states)), adapter.project,
+                        ModelShape(adapter.num_layers, adapter.num_visual), sample)
+    reduced = method.vision(ctx)
+    if reduced is None:
+        feats = default()
+        return Reduced(feats, torch.arange(feats.shape[0], device=feats.device))
+    return reduced
 
 
 def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
@@ -115,7 +125,7 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        feats, patch_ids = encode_vision(adapter, pixel_values, method, sample)
+        vis = encode_vision(adapter, pixel_values, method, sample)
     sync(device)
     t1 = time.perf_counter()
 
@@ -125,43 +135,60 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
         m = adapter.num_visual
         if len(image_slots) != m:
             raise ValueError(f"prompt has {len(image_slots)} image tokens, the model expects {m}")
-        if feats.shape[0] != m:  # vision stage shortened the image: shorten the prompt to match
-            keep_rows = torch.cat([torch.arange(0, image_slots[0], device=device),
-                                   image_slots[:feats.shape[0]],
-                                   torch.arange(image_slots[-1] + 1, len(ids), device=device)])
-            ids = ids[keep_rows]
-            image_slots = image_slots[:feats.shape[0]]
+        feats, patch_ids = vis.features, vis.patch_ids.to(device)
+        start = int(image_slots[0])  # rows before the image: never pruned, so the block start is fixed
+        if feats.shape[0] != m:  # vision stage changed the image's length: a contiguous shorter prompt
+            ids = torch.cat([ids[:start], ids[image_slots[:1]].expand(feats.shape[0]), ids[image_slots[-1] + 1:]])
         hidden = adapter.embed(ids[None])
-        hidden[0, image_slots] = feats.to(hidden.dtype)
-        prompt_len = hidden.shape[1]
-        positions = torch.arange(prompt_len, device=device)
-        visual_rows = image_slots.clone()
+        hidden[0, start:start + feats.shape[0]] = feats.to(hidden.dtype)
+        prompt_len = hidden.shape[1]  # decode positions continue from here, whatever is pruned later
+        positions = torch.arange(hidden.shape[1], device=device)
+        visual_rows = torch.arange(start, start + feats.shape[0], device=device)
         cos, sin = adapter.rotary(hidden, positions[None])
         shape = ModelShape(adapter.num_layers, m)
         cache = DynamicCache(config=adapter.model.config.text_config)
         keep_log: dict[int, list[int]] = {}
-        if feats.shape[0] != m:
+        merged_log: dict[int, dict[int, list[int]]] = {}
+        if feats.shape[0] != m or vis.merged:
             keep_log[-1] = patch_ids.tolist()
+        if vis.merged:
+            merged_log[-1] = vis.merged
         select_s = 0.0
+
+        def context(layer_idx, hidden, attention):
+            return LayerContext(layer_idx, hidden, visual_rows, patch_ids, attention, shape, sample, positions)
 
         def prune(layer_idx, hidden, attention):
             nonlocal positions, visual_rows, patch_ids, cos, sin, select_s
             ts = time.perf_counter()
-            ctx = LayerContext(layer_idx, hidden, visual_rows, patch_ids, attention, shape, sample)
-            keep = torch.sort(method.select(ctx).to(device)).values
-            n = hidden.shape[1]
-            is_visual = torch.zeros(n, dtype=torch.bool, device=device)
-            is_visual[visual_rows] = True
-            keep_mask = ~is_visual
-            keep_mask[visual_rows[keep]] = True
-            rows = keep_mask.nonzero().flatten()
-            new_index = torch.cumsum(keep_mask, 0) - 1  # old row -> new row
-            positions, cos, sin = positions[rows], cos[:, rows], sin[:, rows]
-            visual_rows, patch_ids = new_index[visual_rows[keep]], patch_ids[keep]
+            sel = method.select(context(layer_idx, hidden, attention))
+            if not isinstance(sel, Selection):
+                sel = Selection(sel)
+            keep = torch.sort(sel.keep.to(device)).values
+            end = start + len(visual_rows)
+            pieces = [hidden[:, :start], hidden[:, start + keep]]
+            pos = [positions[:start], positions[start + keep]]
+            new_ids = [patch_ids[keep]]
+            if sel.added_hidden is not None and len(sel.added_hidden):
+                pieces.append(sel.added_hidden.to(hidden.dtype).view(1, -1, hidden.shape[2]))
+                pos.append(sel.added_positions.to(device))
+                new_ids.append(sel.added_patch_ids.to(device))
+            pieces.append(hidden[:, end:])
+            pos.append(positions[end:])
+            hidden = torch.cat(pieces, dim=1)
+            positions = torch.cat(pos)
+            patch_ids = torch.cat(new_ids)
+            visual_rows = torch.arange(start, start + len(patch_ids), device=device)
+            cos, sin = adapter.rotary(hidden, positions[None])
             keep_log[layer_idx] = patch_ids.tolist()
+            if sel.merged:
+                merged_log[layer_idx] = sel.merged
             select_s += time.perf_counter() - ts
-            return hidden[:, rows]
+            return hidden
 
+        ts = time.perf_counter()
+        method.prepare(context(-1, hidden, None))
+        select_s += time.perf_counter() - ts
         if -1 in method.prune_layers:
             hidden = prune(-1, hidden, None)
         visual_per_layer = []
@@ -182,7 +209,7 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
         logits = adapter.logits(hidden[:, -1:])[0, -1]
     sync(device)
     t2 = time.perf_counter()
-    return Prefill(cache, logits, prompt_len, visual_per_layer, keep_log,
+    return Prefill(cache, logits, prompt_len, visual_per_layer, keep_log, merged_log,
                    vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, select_ms=select_s * 1e3)
 
 
@@ -215,4 +242,4 @@ def generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch
     sync(adapter.device)
     decode_ms = (time.perf_counter() - t0) * 1e3
     return Record(tokens, adapter.decode(tokens), pre.vision_ms, pre.prefill_ms, pre.select_ms,
-                  decode_ms, pre.visual_per_layer, pre.keep)
+                  decode_ms, pre.visual_per_layer, pre.keep, pre.merged)

@@ -113,6 +113,48 @@ class ModelAdapter:
         feats = out.pooler_output
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
+    # ---- vision tower, step by step (what vision-stage methods need) ----------------------
+    @property
+    def vision_layers(self):
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    @property
+    def feature_layer(self) -> int:
+        """0-based index of the vision-tower layer whose output feeds the projector."""
+        f = self.model.config.vision_feature_layer
+        if not isinstance(f, int):
+            raise ModelError(f"vision_feature_layer {f!r}: only a single feature layer is supported")
+        return f - 1 if f >= 0 else len(self.vision_layers) + f
+
+    def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tower's hidden states: entry i is the input of layer i (entry 0: the embeddings)."""
+        return self.model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
+
+    def default_features(self, hidden_states) -> torch.Tensor:
+        """(M, D) visual tokens of the first image: feature layer, CLS dropped by "default", projected."""
+        feats = hidden_states[self.feature_layer + 1][0]
+        if self.model.config.vision_feature_select_strategy == "default":
+            feats = feats[1:]
+        return self.project(feats)
+
+    def tower_state(self, hidden_states):
+        """The feature layer's output, CLS-query attention per head, and head-averaged keys,
+        computed from its own layer norm and q/k projections (no eager attention needed)."""
+        from methods.base import TowerState
+
+        i = self.feature_layer
+        attn = self.vision_layers[i].self_attn
+        x = self.vision_layers[i].layer_norm1(hidden_states[i][0])  # (N+1, Dv)
+        heads, d = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x[:1]).view(1, heads, d).transpose(0, 1)  # (H, 1, d)
+        k = attn.k_proj(x).view(-1, heads, d).transpose(0, 1)  # (H, N+1, d)
+        cls = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)[:, 0]  # (H, N+1)
+        return TowerState(hidden=hidden_states[i + 1][0], cls_attention=cls, keys=k.mean(0))
+
     def decode(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
