@@ -28,6 +28,7 @@ def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
         "prefill_speedup": col("metrics.prefill_speedup"),
         "decode_tokens_per_s": col("metrics.decode_tokens_per_s"),
         "equal_token_average": col("metrics.equal_token_average"),
+        "official_equal_token_average": pd.to_numeric(col("params.official_equal_token_average"), errors="coerce"),
     })
     table["_order"] = table["method"].ne("baseline")
     table = table.sort_values(["_order", "series", "budget_tokens"], ascending=[True, True, False])
@@ -39,17 +40,31 @@ def markdown(table: pd.DataFrame, title: str, meta: str) -> str:
     for c in show.columns:
         if c.startswith("acc") or c == "relative_accuracy":
             show[c] = (100 * show[c]).map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
-    for c in ("prefill_ms", "decode_tokens_per_s", "equal_token_average"):
+    for c in ("prefill_ms", "decode_tokens_per_s", "equal_token_average", "official_equal_token_average"):
         show[c] = show[c].map(lambda v: "" if pd.isna(v) else f"{v:.1f}" if c != "prefill_ms" else f"{v:.2f}")
     show["prefill_speedup"] = show["prefill_speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
     show["budget_tokens"] = show["budget_tokens"].map(lambda v: "all" if pd.isna(v) else str(int(v)))
     header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
     rows = "".join("| " + " | ".join(map(str, r)) + " |\n" for r in show.itertuples(index=False))
-    return (f"# {title}\n\n{meta}\n\nAccuracy in %, relative accuracy against the baseline cell of "
+    return (f"# {title}\n\n{meta}\n\n{conventions(table)}Accuracy in %, relative accuracy against the baseline cell of "
             f"the same sweep; prefill is the median time of the LLM's prompt pass (pruning included, vision "
             f"encoding excluded); equal-token average is the "
             f"visual tokens each layer processed, averaged over layers (measured).\n\n{header}{rows}\n"
             f"![accuracy vs budget](accuracy_vs_budget.png)\n")
+
+
+def conventions(table: pd.DataFrame) -> str:
+    """A line per cell whose measured equal-token average is more than one token off its budget."""
+    off = table[(table["equal_token_average"] - table["budget_tokens"]).abs() > 1]
+    if off.empty:
+        return ""
+    lines = []
+    for r in off.itertuples():
+        why = (f"by its own accounting (a pruning layer counted at its output size) {r.official_equal_token_average:.1f}"
+               if pd.notna(r.official_equal_token_average) else "see the method's documentation")
+        lines.append(f"- `{r.series}` at {int(r.budget_tokens)} tokens: measured {r.equal_token_average:.1f}; {why}.")
+    return ("Token conventions: these cells process more (or fewer) visual tokens than their budget "
+            "under the measured accounting:\n\n" + "\n".join(lines) + "\n\n")
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
