@@ -20,8 +20,8 @@
 
 Scaling the official settings (32 layers, 576 tokens) to L layers and M tokens: pruning layers
 round(l * L / 32) (made strictly increasing); the schedule of the official budget at the same
-pruning ratio (192 / 128 / 64 for 66.7 / 77.8 / 88.9 %; linear in between and beyond), times
-M / 576, rounded half up. On the embedded model (16 layers, 144 tokens): layers 1, 3, 8 and
+pruning ratio (192 / 128 / 64 for 66.7 / 77.8 / 88.9 %; linear in between, proportional to the
+nearest one outside that range), times M / 576, rounded half up. On the embedded model (16 layers, 144 tokens): layers 1, 3, 8 and
 75/50/28, 76/28/9, 17/8/4 for 48, 32, 16 tokens.
 
 Token accounting: SparseVLM's own tables count a pruning layer at its *output* size (this gives
@@ -55,12 +55,17 @@ def scaled_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def scaled_schedule(budget_tokens: int, num_visual: int) -> tuple[int, ...]:
-    """The official schedule at the same pruning ratio, interpolated linearly, scaled to M."""
+    """The official schedule at the same pruning ratio, scaled to M: linear between the official
+    budgets, proportional to the nearest one outside them (capped at M)."""
     r = budget_tokens * 576 / num_visual
-    keys = sorted(OFFICIAL_SCHEDULES)
-    lo, hi = (keys[0], keys[1]) if r <= keys[1] else (keys[1], keys[2])
-    t = (r - lo) / (hi - lo)
-    counts = [a + t * (b - a) for a, b in zip(OFFICIAL_SCHEDULES[lo], OFFICIAL_SCHEDULES[hi])]
+    lo_b, mid_b, hi_b = sorted(OFFICIAL_SCHEDULES)
+    if r < lo_b or r > hi_b:
+        ref = lo_b if r < lo_b else hi_b
+        counts = [min(576.0, c * r / ref) for c in OFFICIAL_SCHEDULES[ref]]
+    else:
+        lo, hi = (lo_b, mid_b) if r <= mid_b else (mid_b, hi_b)
+        t = (r - lo) / (hi - lo)
+        counts = [a + t * (b - a) for a, b in zip(OFFICIAL_SCHEDULES[lo], OFFICIAL_SCHEDULES[hi])]
     return tuple(max(1, math.floor(c * num_visual / 576 + 0.5)) for c in counts)
 
 

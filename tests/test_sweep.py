@@ -14,7 +14,8 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
     exp = {"experiment": "e2e", "model": {"path": tiny_llava_dir},
            "dataset": {"name": "shapes", "split": "val", "samples_per_type": 2},
            "generation": {"max_new_tokens": 6}, "timing": {"warmup": 1}, "budgets": [0.4, 60],
-           "methods": ["baseline", {"name": "fastv", "settings": {"K": 1}}, "random", "oracle"]}
+           "methods": ["baseline", {"name": "fastv", "settings": {"K": 1}}, "random", "oracle", "sparsevlm",
+                       "visionzip", "pool"]}
     p = tmp_path / "exp.yaml"
     p.write_text(yaml.safe_dump(exp))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -27,15 +28,22 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
     runs = mlflow.search_runs([e.experiment_id])
     parents = runs[runs["tags.role"] == "sweep"]
     children = runs[runs["tags.role"] == "cell"]
-    assert len(parents) == 1 and len(children) == 7  # baseline + 3 methods x 2 budgets
+    assert len(parents) == 1 and len(children) == 13  # baseline + 6 methods x 2 budgets
     assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
     assert (children["status"] == "FINISHED").all()
     base = children[children["params.method"] == "baseline"].iloc[0]
     assert base["metrics.agreement_with_baseline"] == 1.0  # relative accuracy is undefined at 0 % (random weights)
     assert base["metrics.equal_token_average"] == 144
     for _, r in children[children["params.method"] != "baseline"].iterrows():
-        assert abs(r["metrics.equal_token_average"] - float(r["params.budget_tokens"])) <= 1
-        for key in ("params.dtype", "params.attn_implementation", "params.K", "metrics.prefill_ms",
+        measured, budget = r["metrics.equal_token_average"], float(r["params.budget_tokens"])
+        if r["params.method"] == "pool":  # the largest h x w grid within the budget
+            h, w = map(int, r["params.grid"].split("x"))
+            assert measured == h * w <= budget
+        elif r["params.method"] == "sparsevlm":  # its own accounting hits the budget, ours is higher
+            assert abs(float(r["params.official_equal_token_average"]) - budget) <= 6 < measured - budget
+        else:
+            assert abs(measured - budget) <= 1
+        for key in ("params.dtype", "params.attn_implementation", "metrics.prefill_ms",
                     "metrics.decode_tokens_per_s", "metrics.accuracy_describe"):
             assert key in r.index and r[key] == r[key]
     # per-sample records are an artifact of each child run
@@ -44,8 +52,17 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
     lines = [json.loads(x) for x in open(local)]
     assert len(lines) == 12 and {"prediction", "score", "keep", "visual_per_layer"} <= set(lines[0])
 
+    # keep and merge maps: VisionZip's happen before the LLM (-1), CLS is patch -1
+    vz = children[(children["params.method"] == "visionzip") & (children["params.budget_tokens"] == "60")].iloc[0]
+    local = mlflow.artifacts.download_artifacts(run_id=vz["run_id"], artifact_path="samples.jsonl",
+                                                dst_path=str(tmp_path / "dl-vz"))
+    rec = json.loads(open(local).readline())
+    assert len(rec["keep"]["-1"]) == 60 and -1 in rec["keep"]["-1"]
+    assert len(rec["merged"]["-1"]) == int(vz["params.contextual"])
+
     report = (tmp_path / "reports" / "e2e" / "report.md").read_text()
-    assert "| fastv |" in report and "| oracle |" in report
+    assert "| fastv |" in report and "| oracle |" in report and "| visionzip |" in report
+    assert "`sparsevlm` at 60 tokens: measured" in report
     assert (tmp_path / "reports" / "e2e" / "accuracy_vs_budget.png").stat().st_size > 1000
 
 
