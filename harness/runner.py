@@ -32,6 +32,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     with `baseline`'s records; the first baseline cell is its own reference; without a baseline
     cell in the sweep there are no relative metrics."""
     method = cell.build()
+    method.bind(adapter)
     method.configure(ModelShape(adapter.num_layers, adapter.num_visual))
     for s, x in list(zip(samples, inputs))[:warmup]:  # untimed warm-up, results discarded
         generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=s)

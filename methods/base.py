@@ -95,6 +95,7 @@ class LayerContext:
     shape: ModelShape
     sample: object = None  # the dataset sample (the oracle reads its patch annotations)
     positions: torch.Tensor | None = None  # (S,) position ids of the rows
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary (cos, sin) of the rows
 
     @property
     def text_after(self) -> torch.Tensor:
@@ -157,6 +158,9 @@ class Method:
     @classmethod
     def allowed_settings(cls) -> tuple[str, ...]:
         return ()
+
+    def bind(self, adapter) -> None:
+        """Load what the method needs from the model (e.g. TwigVLM's twig); called before configure."""
 
     def configure(self, shape: ModelShape) -> None:
         """Turn the budget into this method's settings for a model; raise MethodError if impossible."""

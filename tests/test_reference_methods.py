@@ -38,7 +38,7 @@ def naive_visionzip(adapter, x, dominant, contextual):
     layer = n_layers + model.config.vision_feature_layer  # -2 -> the second-to-last layer
     keys = {}
     hook = adapter.vision_layers[layer].self_attn.k_proj.register_forward_hook(
-        lambda mod, inp, out: keys.setdefault("k", out[0]))
+        lambda mod, inp, out: keys.update(k=out[0]))
     try:
         with torch.no_grad():
             out = tower(x["pixel_values"], output_hidden_states=True, output_attentions=True)

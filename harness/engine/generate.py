@@ -42,15 +42,14 @@ def causal_mask(adapter: ModelAdapter, q_len: int, kv_len: int, dtype, device) -
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def attention_rows(adapter: ModelAdapter, layer_idx: int, layer_input: torch.Tensor, rows: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def attention_rows(layer, layer_input: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   keys: torch.Tensor) -> torch.Tensor:
     """Head-averaged softmax attention of `rows` at a layer, without eager attention.
 
     softmax(q_rows . K^T / sqrt(d)) from the layer's own q projection (after its input norm and
     RoPE) and its cached keys (already rotated; GQA groups repeated), with the causal mask: row r of
     the current sequence sees keys 0..r + (cache length - sequence length). Returns (n_rows, S).
     """
-    layer = adapter.layers[layer_idx]
     attn = layer.self_attn
     x = layer.input_layernorm(layer_input[:, rows])
     q = attn.q_proj(x).view(1, len(rows), -1, attn.head_dim).transpose(1, 2)  # (1, H, n, d)
@@ -156,7 +155,8 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
         select_s = 0.0
 
         def context(layer_idx, hidden, attention):
-            return LayerContext(layer_idx, hidden, visual_rows, patch_ids, attention, shape, sample, positions)
+            return LayerContext(layer_idx, hidden, visual_rows, patch_ids, attention, shape, sample, positions,
+                                (cos, sin))
 
         def prune(layer_idx, hidden, attention):
             nonlocal positions, visual_rows, patch_ids, cos, sin, select_s
@@ -202,8 +202,8 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
                 keys = cache.layers[i].keys
                 c, s = cos, sin
 
-                def probe(rows, _i=i, _x=layer_input, _k=keys, _c=c, _s=s):
-                    return attention_rows(adapter, _i, _x, rows, _c, _s, _k)
+                def probe(rows, _layer=layer, _x=layer_input, _k=keys, _c=c, _s=s):
+                    return attention_rows(_layer, _x, rows, _c, _s, _k)
 
                 hidden = prune(i, hidden, probe)
         logits = adapter.logits(hidden[:, -1:])[0, -1]

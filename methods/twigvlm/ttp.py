@@ -1,0 +1,125 @@
+"""TwigVLM's twig-guided token pruning (TTP; Shao et al., 2025, MILVLG/twigvlm).
+
+Prefill runs layers 0..K-1 on the whole prompt, then the twig's T layers on their output. The
+last twig layer's attention of the *last prompt token* (head mean, image columns) ranks the visual
+tokens; the top R stay in the backbone's hidden states entering layer K (layers 0..K-1 and the
+twig keep everything, in their caches too). FinalWipe drops every remaining visual token entering
+layer K_f. Pruning happens once, at prefill; kept tokens keep their position ids.
+
+Budget: R = ceil((L * Rbar - K * M) / (K_f - K)), the paper's formula (227 / 134 / 41 for 192 /
+128 / 64 on LLaVA-1.5-7B with K = 2, K_f = 24); without FinalWipe, K_f = L. The backbone's
+equal-token average is then within one token of Rbar. The twig's own T layers also process all M
+visual tokens; that cost is extra to the backbone's and is recorded as `twig_layers`.
+
+Settings: `twig` (a directory from train_twig, or "embedded": the embedded model's twig),
+`final_wipe` (K_f; default round(24 * L / 32); null: no FinalWipe), `K` (only for a released
+twig without twig.json).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from methods.base import Method, MethodError, ModelShape, register, top_k_indices
+
+EMBEDDED_TWIG = Path(__file__).resolve().parents[2] / "harness" / "models" / "embedded" / "twigs" / "K1-T2"
+_UNSET = object()
+
+
+def resolve_twig(path: str) -> Path:
+    p = EMBEDDED_TWIG if path == "embedded" else Path(path).expanduser()
+    if not p.is_dir() or not any(p.glob("*.safetensors")):
+        raise MethodError(f"twigvlm: twig {path!r} is not a directory with a trained twig (.safetensors); "
+                          f"allowed: 'embedded' or a directory written by methods.twigvlm.train_twig")
+    return p
+
+
+def causal(n: int, dtype, device) -> torch.Tensor:
+    m = torch.zeros(n, n, dtype=dtype, device=device)
+    return m.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=device).tril(), torch.finfo(dtype).min)[None, None]
+
+
+@register
+class TwigTTP(Method):
+    name = "twigvlm"
+    budgeted = True
+
+    def __init__(self, budget=None, twig: str = "embedded", final_wipe=_UNSET, K: int | None = None):
+        super().__init__(budget)
+        self.twig_dir = resolve_twig(twig)
+        self.twig_name = twig
+        meta_file = self.twig_dir / "twig.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        self.K = meta.get("K", K)
+        if self.K is None:
+            raise MethodError(f"twigvlm: twig {twig!r} has no twig.json saying its K; set `K`")
+        self.T = meta.get("T")
+        self.final_wipe_setting = final_wipe
+        self.twig = None
+
+    @classmethod
+    def allowed_settings(cls):
+        return ("twig", "final_wipe", "K")
+
+    def bind(self, adapter) -> None:
+        from methods.twigvlm.twig import load_twig
+
+        if self.twig is None or self._bound_to is not adapter.model:
+            self.twig = load_twig(self.twig_dir, adapter.model, self.K)
+            self._bound_to = adapter.model
+        self.T = self.twig.T
+
+    _bound_to = None
+
+    def configure(self, shape: ModelShape) -> None:
+        super().configure(shape)
+        L, M = shape.num_layers, shape.num_visual
+        kf = self.final_wipe_setting
+        if kf is _UNSET:
+            kf = math.floor(24 * L / 32 + 0.5)
+        if kf is not None and (isinstance(kf, bool) or not isinstance(kf, int) or not self.K < kf <= L):
+            raise MethodError(f"twigvlm: final_wipe {kf!r}; allowed: an integer in {self.K + 1}..{L}, or null")
+        self.final_wipe = kf
+        end = kf if kf is not None else L
+        rbar = self.budget.tokens(M)
+        spare = L * rbar - self.K * M
+        if spare <= 0:
+            raise MethodError(f"twigvlm: budget {rbar} tokens is impossible with K={self.K} on {L} layers "
+                              f"and {M} visual tokens; allowed: above {self.K * M / L:.1f}")
+        self.keep_n = math.ceil(spare / (end - self.K))
+        if self.keep_n > M:
+            raise MethodError(f"twigvlm: budget {rbar} tokens needs {self.keep_n} > {M} tokens after layer "
+                              f"{self.K} with final_wipe {kf}; allowed: a smaller budget or no FinalWipe")
+        self.prune_layers = (self.K - 1,) + ((kf - 1,) if kf is not None and kf < L else ())
+
+    def params(self) -> dict:
+        return {**super().params(), "K": self.K, "twig_layers": self.T, "twig": self.twig_name,
+                "keep_after_K": self.keep_n, "final_wipe": self.final_wipe}
+
+    def twig_prefill(self, ctx):
+        """The twig over the output of layer K-1; returns (last twig layer's scores, cache, output)."""
+        from harness.engine.generate import attention_rows
+
+        hidden = ctx.hidden
+        cos, sin = ctx.position_embeddings
+        n = hidden.shape[1]
+        mask = causal(n, hidden.dtype, hidden.device)
+        cache = DynamicCache()
+        for layer in self.twig.layers:
+            layer_input = hidden
+            hidden = layer(hidden, attention_mask=mask, position_ids=ctx.positions[None],
+                           position_embeddings=(cos, sin), cache=cache)
+        last = torch.tensor([n - 1], device=hidden.device)
+        keys = cache.layers[len(self.twig.layers) - 1].keys
+        scores = attention_rows(self.twig.layers[-1], layer_input, last, cos, sin, keys)[0]
+        return scores, cache, hidden
+
+    def select(self, ctx) -> torch.Tensor:
+        if ctx.layer == self.K - 1:
+            scores, self.twig_cache, self.twig_hidden = self.twig_prefill(ctx)
+            return top_k_indices(scores[ctx.visual_rows], self.keep_n)
+        return torch.zeros(0, dtype=torch.long)  # FinalWipe

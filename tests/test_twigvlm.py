@@ -1,0 +1,116 @@
+"""TwigVLM: the twig module and its checkpoints, and TTP against a plain reference."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness.engine.generate import generate, prefill
+from harness.models.adapter import load_model
+from methods import ModelShape, build_method
+from methods.base import MethodError
+from methods.twigvlm.twig import Twig, TwigError, load_twig, save_twig
+
+
+@pytest.fixture(scope="module")
+def tiny_twig(tiny_llava_dir, tmp_path_factory):
+    """A twig grown on the tiny model after layer K=1 (T=2), initialised by copy, saved."""
+    adapter = load_model(tiny_llava_dir)
+    twig = Twig.grow(adapter.model, K=1, T=2, init="copy")
+    d = tmp_path_factory.mktemp("twig")
+    save_twig(twig, d, {"init": "copy"})
+    return str(d)
+
+
+def configured(adapter, budget, **settings):
+    m = build_method("twigvlm", budget, **settings)
+    m.bind(adapter)
+    m.configure(ModelShape(adapter.num_layers, adapter.num_visual))
+    return m
+
+
+def test_twig_inits_and_the_released_layout(tiny_llava_dir, tmp_path):
+    adapter = load_model(tiny_llava_dir)
+    lm = adapter.language_model
+    copy = Twig.grow(adapter.model, 1, 2, "copy")
+    last = Twig.grow(adapter.model, 1, 2, "last")
+    rand = Twig.grow(adapter.model, 1, 2, "random")
+    w = lambda layer: layer.self_attn.q_proj.weight  # noqa: E731
+    assert torch.equal(w(copy.layers[0]), w(lm.layers[1])) and torch.equal(w(copy.layers[1]), w(lm.layers[2]))
+    assert torch.equal(w(last.layers[0]), w(lm.layers[2])) and torch.equal(w(last.layers[1]), w(lm.layers[3]))
+    assert not any(torch.equal(w(rand.layers[0]), w(x)) for x in lm.layers)
+    assert torch.equal(copy.lm_head.weight, adapter.model.lm_head.weight)
+    # TwigVLM's released files name the layers model.layers.i, the norm model.norm
+    released = {("model." + k if k.startswith(("layers.", "norm.")) else k): v for k, v in copy.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in released.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(TwigError, match="pass K"):
+        load_twig(tmp_path, adapter.model)
+    loaded = load_twig(tmp_path, adapter.model, K=1)
+    assert loaded.T == 2 and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                      copy.state_dict().values()))
+
+
+def test_ttp_budget_formula_matches_the_paper(tiny_twig):
+    for rbar, r in ((192, 227), (128, 134), (64, 41)):
+        m = build_method("twigvlm", rbar, twig=tiny_twig, K=2)
+        m.K = 2  # the formula on LLaVA-1.5-7B's shape, K = 2, K_f = 24
+        m.configure(ModelShape(32, 576))
+        assert (m.final_wipe, m.keep_n) == (24, r)
+    with pytest.raises(MethodError, match="final_wipe"):
+        build_method("twigvlm", 64, twig=tiny_twig, final_wipe=1).configure(ModelShape(4, 144))
+    with pytest.raises(MethodError, match="not a directory with a trained twig"):
+        build_method("twigvlm", 64, twig="/nonexistent/twig")
+
+
+def test_ttp_keeps_what_a_naive_twig_reference_keeps(tiny_llava_dir, samples, tiny_twig):
+    """Naive TTP: transformers' eager forward gives the hidden states entering layer K; the twig's
+    layers run on them with eager attention (weights captured by a hook); last layer, last row,
+    head mean, image columns, top-R."""
+    engine = load_model(tiny_llava_dir)
+    eager = load_model(tiny_llava_dir, attn_implementation="eager")
+    method = configured(engine, 0.6, twig=tiny_twig, final_wipe=None)
+    naive_twig = load_twig(tiny_twig, eager.model)
+    for layer in naive_twig.layers:
+        layer.self_attn.config._attn_implementation = "eager"
+    K = method.K
+    for s in samples[:3]:
+        x = engine.inputs(s.image, s.question)
+        with torch.no_grad():
+            h = eager.model(**x, output_hidden_states=True).hidden_states[K]
+            n = h.shape[1]
+            mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+            pos = torch.arange(n)[None]
+            pe = eager.language_model.rotary_emb(h, pos)
+            seen = {}
+            hook = naive_twig.layers[-1].self_attn.register_forward_hook(lambda m, i, o: seen.update(w=o[1]))
+            for layer in naive_twig.layers:
+                h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+            hook.remove()
+        cols = (x["input_ids"][0] == engine.image_token_id).nonzero().flatten()
+        scores = seen["w"][0, :, -1, cols].mean(0)
+        expected = sorted(scores.topk(method.keep_n).indices.tolist())
+        pre = prefill(engine, x["input_ids"], x["pixel_values"], method)
+        assert pre.keep[K - 1] == expected
+        assert pre.visual_per_layer == [engine.num_visual] * K + [method.keep_n] * (engine.num_layers - K)
+
+
+def test_ttp_keep_everything_without_finalwipe_is_the_baseline(tiny_llava_dir, samples, tiny_twig):
+    adapter = load_model(tiny_llava_dir)
+    method = configured(adapter, 0.0, twig=tiny_twig, final_wipe=None)
+    for s in samples[:2]:
+        x = adapter.inputs(s.image, s.question)
+        base = generate(adapter, x["input_ids"], x["pixel_values"], build_method("baseline"), 10)
+        ours = generate(adapter, x["input_ids"], x["pixel_values"], method, 10)
+        assert ours.tokens == base.tokens
+
+
+def test_finalwipe_drops_every_visual_token_at_its_layer(tiny_llava_dir, samples, tiny_twig):
+    adapter = load_model(tiny_llava_dir)
+    method = configured(adapter, 0.5, twig=tiny_twig, final_wipe=3)
+    s = samples[0]
+    x = adapter.inputs(s.image, s.question)
+    pre = prefill(adapter, x["input_ids"], x["pixel_values"], method)
+    R = method.keep_n
+    assert pre.visual_per_layer == [adapter.num_visual, R, R, 0]
+    assert abs(sum(pre.visual_per_layer) / 4 - method.budget.tokens(adapter.num_visual)) <= 1
+    assert json.loads(open(f"{tiny_twig}/twig.json").read())["K"] == 1
