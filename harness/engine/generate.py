@@ -117,6 +117,115 @@ def encode_vision(adapter: ModelAdapter, pixel_values: torch.Tensor, method: Met
     return reduced
 
 
+@dataclass
+class Sequence:
+    """The (possibly pruned) rows entering the next layer, and what prefill has logged so far."""
+    hidden: torch.Tensor  # (1, S, D)
+    positions: torch.Tensor  # (S,) position ids
+    cos: torch.Tensor
+    sin: torch.Tensor
+    visual_rows: torch.Tensor  # one contiguous block starting at `start`
+    patch_ids: torch.Tensor
+    start: int  # rows before the image (never pruned)
+    shape: ModelShape
+    sample: object = None
+    keep: dict = field(default_factory=dict)
+    merged: dict = field(default_factory=dict)
+    visual_per_layer: list = field(default_factory=list)
+    select_s: float = 0.0
+
+    def context(self, layer_idx, attention) -> LayerContext:
+        return LayerContext(layer_idx, self.hidden, self.visual_rows, self.patch_ids, attention, self.shape,
+                            self.sample, self.positions, (self.cos, self.sin))
+
+
+def embed_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, vis: Reduced, sample=None) -> Sequence:
+    """Token embeddings with the visual tokens in place (a shorter prompt if the vision stage
+    changed their number)."""
+    device = adapter.device
+    ids = input_ids[0]
+    image_slots = (ids == adapter.image_token_id).nonzero().flatten()
+    m = adapter.num_visual
+    if len(image_slots) != m:
+        raise ValueError(f"prompt has {len(image_slots)} image tokens, the model expects {m}")
+    feats, patch_ids = vis.features, vis.patch_ids.to(device)
+    start = int(image_slots[0])
+    if feats.shape[0] != m:  # a contiguous shorter prompt
+        ids = torch.cat([ids[:start], ids[image_slots[:1]].expand(feats.shape[0]), ids[image_slots[-1] + 1:]])
+    hidden = adapter.embed(ids[None])
+    hidden[0, start:start + feats.shape[0]] = feats.to(hidden.dtype)
+    positions = torch.arange(hidden.shape[1], device=device)
+    cos, sin = adapter.rotary(hidden, positions[None])
+    seq = Sequence(hidden, positions, cos, sin, torch.arange(start, start + feats.shape[0], device=device),
+                   patch_ids, start, ModelShape(adapter.num_layers, m), sample)
+    if feats.shape[0] != m or vis.merged:
+        seq.keep[-1] = patch_ids.tolist()
+    if vis.merged:
+        seq.merged[-1] = vis.merged
+    return seq
+
+
+def prune(adapter: ModelAdapter, seq: Sequence, method: Method, layer_idx: int, attention) -> None:
+    """Let the method choose the visual tokens that go on after `layer_idx`; update `seq` in place."""
+    ts = time.perf_counter()
+    sel = method.select(seq.context(layer_idx, attention))
+    if not isinstance(sel, Selection):
+        sel = Selection(sel)
+    device, start = seq.hidden.device, seq.start
+    keep = torch.sort(sel.keep.to(device)).values
+    end = start + len(seq.visual_rows)
+    pieces = [seq.hidden[:, :start], seq.hidden[:, start + keep]]
+    pos = [seq.positions[:start], seq.positions[start + keep]]
+    ids = [seq.patch_ids[keep]]
+    if sel.added_hidden is not None and len(sel.added_hidden):
+        pieces.append(sel.added_hidden.to(seq.hidden.dtype).view(1, -1, seq.hidden.shape[2]))
+        pos.append(sel.added_positions.to(device))
+        ids.append(sel.added_patch_ids.to(device))
+    pieces.append(seq.hidden[:, end:])
+    pos.append(seq.positions[end:])
+    seq.hidden, seq.positions, seq.patch_ids = torch.cat(pieces, dim=1), torch.cat(pos), torch.cat(ids)
+    seq.visual_rows = torch.arange(start, start + len(seq.patch_ids), device=device)
+    seq.cos, seq.sin = adapter.rotary(seq.hidden, seq.positions[None])
+    seq.keep[layer_idx] = seq.patch_ids.tolist()
+    if sel.merged:
+        seq.merged[layer_idx] = sel.merged
+    seq.select_s += time.perf_counter() - ts
+
+
+def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache: DynamicCache, first: int, last: int,
+               before_prune=None) -> Sequence:
+    """Backbone layers first..last-1 over `seq` (appending to their caches), pruning after the
+    method's layers; `before_prune(i, seq)` sees each layer's output before any pruning.
+    first == 0 also runs the method's prepare hook and its pruning on the input embeddings."""
+    device = seq.hidden.device
+    if first == 0:
+        ts = time.perf_counter()
+        method.prepare(seq.context(-1, None))
+        seq.select_s += time.perf_counter() - ts
+        if before_prune is not None:
+            before_prune(-1, seq)
+        if -1 in method.prune_layers:
+            prune(adapter, seq, method, -1, None)
+    for i in range(first, last):
+        layer = adapter.layers[i]
+        seq.visual_per_layer.append(len(seq.visual_rows))
+        layer_input = seq.hidden
+        q = seq.hidden.shape[1]
+        mask = causal_mask(adapter, q, cache.get_seq_length(i) + q, seq.hidden.dtype, device)
+        seq.hidden = layer(seq.hidden, attention_mask=mask, position_ids=seq.positions[None],
+                           position_embeddings=(seq.cos, seq.sin), cache=cache)
+        if before_prune is not None:
+            before_prune(i, seq)
+        if i in method.prune_layers:
+            keys, c, s = cache.layers[i].keys, seq.cos, seq.sin
+
+            def probe(rows, _layer=layer, _x=layer_input, _k=keys, _c=c, _s=s):
+                return attention_rows(_layer, _x, rows, _c, _s, _k)
+
+            prune(adapter, seq, method, i, probe)
+    return seq
+
+
 def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
             sample=None) -> Prefill:
     """Run the prompt through every layer, letting the method drop visual tokens after its layers."""
@@ -127,90 +236,16 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
         vis = encode_vision(adapter, pixel_values, method, sample)
     sync(device)
     t1 = time.perf_counter()
-
     with torch.no_grad():
-        ids = input_ids[0]
-        image_slots = (ids == adapter.image_token_id).nonzero().flatten()
-        m = adapter.num_visual
-        if len(image_slots) != m:
-            raise ValueError(f"prompt has {len(image_slots)} image tokens, the model expects {m}")
-        feats, patch_ids = vis.features, vis.patch_ids.to(device)
-        start = int(image_slots[0])  # rows before the image: never pruned, so the block start is fixed
-        if feats.shape[0] != m:  # vision stage changed the image's length: a contiguous shorter prompt
-            ids = torch.cat([ids[:start], ids[image_slots[:1]].expand(feats.shape[0]), ids[image_slots[-1] + 1:]])
-        hidden = adapter.embed(ids[None])
-        hidden[0, start:start + feats.shape[0]] = feats.to(hidden.dtype)
-        prompt_len = hidden.shape[1]  # decode positions continue from here, whatever is pruned later
-        positions = torch.arange(hidden.shape[1], device=device)
-        visual_rows = torch.arange(start, start + feats.shape[0], device=device)
-        cos, sin = adapter.rotary(hidden, positions[None])
-        shape = ModelShape(adapter.num_layers, m)
+        seq = embed_prompt(adapter, input_ids, vis, sample)
+        prompt_len = seq.hidden.shape[1]  # decode positions continue from here, whatever is pruned later
         cache = DynamicCache(config=adapter.model.config.text_config)
-        keep_log: dict[int, list[int]] = {}
-        merged_log: dict[int, dict[int, list[int]]] = {}
-        if feats.shape[0] != m or vis.merged:
-            keep_log[-1] = patch_ids.tolist()
-        if vis.merged:
-            merged_log[-1] = vis.merged
-        select_s = 0.0
-
-        def context(layer_idx, hidden, attention):
-            return LayerContext(layer_idx, hidden, visual_rows, patch_ids, attention, shape, sample, positions,
-                                (cos, sin))
-
-        def prune(layer_idx, hidden, attention):
-            nonlocal positions, visual_rows, patch_ids, cos, sin, select_s
-            ts = time.perf_counter()
-            sel = method.select(context(layer_idx, hidden, attention))
-            if not isinstance(sel, Selection):
-                sel = Selection(sel)
-            keep = torch.sort(sel.keep.to(device)).values
-            end = start + len(visual_rows)
-            pieces = [hidden[:, :start], hidden[:, start + keep]]
-            pos = [positions[:start], positions[start + keep]]
-            new_ids = [patch_ids[keep]]
-            if sel.added_hidden is not None and len(sel.added_hidden):
-                pieces.append(sel.added_hidden.to(hidden.dtype).view(1, -1, hidden.shape[2]))
-                pos.append(sel.added_positions.to(device))
-                new_ids.append(sel.added_patch_ids.to(device))
-            pieces.append(hidden[:, end:])
-            pos.append(positions[end:])
-            hidden = torch.cat(pieces, dim=1)
-            positions = torch.cat(pos)
-            patch_ids = torch.cat(new_ids)
-            visual_rows = torch.arange(start, start + len(patch_ids), device=device)
-            cos, sin = adapter.rotary(hidden, positions[None])
-            keep_log[layer_idx] = patch_ids.tolist()
-            if sel.merged:
-                merged_log[layer_idx] = sel.merged
-            select_s += time.perf_counter() - ts
-            return hidden
-
-        ts = time.perf_counter()
-        method.prepare(context(-1, hidden, None))
-        select_s += time.perf_counter() - ts
-        if -1 in method.prune_layers:
-            hidden = prune(-1, hidden, None)
-        visual_per_layer = []
-        for i, layer in enumerate(adapter.layers):
-            visual_per_layer.append(len(visual_rows))
-            layer_input = hidden
-            mask = causal_mask(adapter, hidden.shape[1], hidden.shape[1], hidden.dtype, device)
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions[None],
-                           position_embeddings=(cos, sin), cache=cache)
-            if i in method.prune_layers:
-                keys = cache.layers[i].keys
-                c, s = cos, sin
-
-                def probe(rows, _layer=layer, _x=layer_input, _k=keys, _c=c, _s=s):
-                    return attention_rows(_layer, _x, rows, _c, _s, _k)
-
-                hidden = prune(i, hidden, probe)
-        logits = adapter.logits(hidden[:, -1:])[0, -1]
+        run_layers(adapter, seq, method, cache, 0, adapter.num_layers)
+        logits = adapter.logits(seq.hidden[:, -1:])[0, -1]
     sync(device)
     t2 = time.perf_counter()
-    return Prefill(cache, logits, prompt_len, visual_per_layer, keep_log, merged_log,
-                   vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, select_ms=select_s * 1e3)
+    return Prefill(cache, logits, prompt_len, seq.visual_per_layer, seq.keep, seq.merged,
+                   vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, select_ms=seq.select_s * 1e3)
 
 
 def decode_step(adapter: ModelAdapter, token: int, position: int, cache: DynamicCache) -> torch.Tensor:
