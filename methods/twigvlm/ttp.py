@@ -47,6 +47,7 @@ def causal(n: int, dtype, device) -> torch.Tensor:
 class TwigTTP(Method):
     name = "twigvlm"
     budgeted = True
+    fusable = True  # FinalWipe reads no scores: SSD may fuse the deep prefill with the first drafts
 
     def __init__(self, budget=None, twig: str = "embedded", final_wipe=_UNSET, K: int | None = None):
         super().__init__(budget)
