@@ -85,7 +85,9 @@ def _crop(cache, layers, n: int) -> None:
 
 def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                          method: Method, twig, max_new_tokens: int = 64, delta: int = 5, theta: float = 0.6,
-                         sample=None) -> tuple[Record, SpecStats]:
+                         sample=None, on_round=None) -> tuple[Record, SpecStats]:
+    """Greedy output of the target (the backbone with `method`'s pruning) drafted by `twig`.
+    `on_round(out, cache, twig_cache)` is called after every verification round."""
     K, L, device, eos = twig.K, adapter.num_layers, adapter.device, adapter.eos_token_id
     stats = SpecStats()
     sync(device)
@@ -120,7 +122,6 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             correction = int(adapter.logits(seq.hidden[:, -1:])[0, -1].argmax())
             out.append(correction)
         first_token_at = time.perf_counter() if out else None
-        twig_missing = []  # (layer-K input, position) rows the twig has not seen yet
         deep_layers = range(K, L)
         while len(out) < max_new_tokens and eos not in out:
             # ---- draft
@@ -129,10 +130,7 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             if correction is not None:
                 h = shallow_step(adapter, [correction], pos, cache, K)
                 rows_h.append(h)
-                hs = torch.cat([r for r, _ in twig_missing] + [h], dim=1)
-                ps = torch.tensor([p for _, p in twig_missing] + [pos], device=device)
-                logits = twig_step(adapter, twig, hs, ps, twig_cache)
-                twig_missing = []
+                logits = twig_step(adapter, twig, h, torch.tensor([pos], device=device), twig_cache)
                 pos += 1
             drafts = []
             limit = max(1, min(delta, max_new_tokens - len(out)))
@@ -180,12 +178,14 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             rejected = len(drafts) - m
             _crop(cache, range(L), rejected)
             twig_has = len(drafts) - 1  # drafts the twig processed (all but the last)
-            if m > twig_has:  # every draft accepted: the twig still needs the last one
-                twig_missing.append((h_last, last_pos))
+            if m > twig_has:  # every draft accepted: the twig also takes the last one
+                twig_step(adapter, twig, h_last, torch.tensor([last_pos], device=device), twig_cache)
             else:
                 _crop(twig_cache, range(len(twig.layers)), twig_has - m)
             out += emitted
             correction = emitted[-1]
+            if on_round is not None:
+                on_round(list(out), cache, twig_cache)
             if first_token_at is None:
                 sync(device)
                 first_token_at = time.perf_counter()
