@@ -40,7 +40,33 @@ SECTIONS = {
     "budgets": [],
     "methods": None,
 }
-METHOD_KEYS = {"name", "settings", "budgets"}
+METHOD_KEYS = {"name", "settings", "budgets", "decoding"}
+DECODING_KEYS = {"name", "twig", "delta", "theta"}
+
+
+def parse_decoding(value, where: str) -> dict | None:
+    """'greedy' (default) or self-speculative decoding: 'ssd' or {name: ssd, twig, delta, theta}."""
+    if value in (None, "greedy"):
+        return None
+    d = {"name": value} if isinstance(value, str) else value
+    if not isinstance(d, dict) or d.get("name") != "ssd":
+        raise ExperimentError(f"{where}: decoding {value!r}; allowed: greedy, ssd, or "
+                              f"{{name: ssd, twig: DIR, delta: INT, theta: FLOAT}}")
+    bad = set(d) - DECODING_KEYS
+    if bad:
+        raise ExperimentError(f"{where}: decoding has unknown key(s) {', '.join(sorted(bad))}; "
+                              f"allowed: {', '.join(sorted(DECODING_KEYS))}")
+    out = {"name": "ssd", "twig": d.get("twig", "embedded"), "delta": d.get("delta", 5), "theta": d.get("theta", 0.6)}
+    if isinstance(out["delta"], bool) or not isinstance(out["delta"], int) or out["delta"] < 1:
+        raise ExperimentError(f"{where}: decoding delta {out['delta']!r}; allowed: an integer >= 1")
+    if isinstance(out["theta"], bool) or not isinstance(out["theta"], (int, float)) or not 0 <= out["theta"] <= 1:
+        raise ExperimentError(f"{where}: decoding theta {out['theta']!r}; allowed: a number in [0, 1]")
+    try:
+        from methods.twigvlm.ttp import resolve_twig
+        resolve_twig(out["twig"])
+    except MethodError as e:
+        raise ExperimentError(f"{where}: decoding: {str(e).replace('twigvlm: ', '')}") from None
+    return out
 
 
 @dataclass
@@ -48,12 +74,21 @@ class Cell:
     method: str
     settings: dict
     budget: float | int | None
+    decoding: dict | None = None  # None: greedy; {"name": "ssd", "twig", "delta", "theta"}
 
     @property
     def series(self) -> str:
-        """The method with its settings: one curve of a budget sweep."""
+        """The method with its settings (and decoding): one curve of a budget sweep."""
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
-        return self.method + (f"[{extra}]" if extra else "")
+        return self.method + (f"[{extra}]" if extra else "") + self.decoding_label
+
+    @property
+    def decoding_label(self) -> str:
+        if not self.decoding:
+            return ""
+        d = self.decoding
+        tweaks = [f"{k}={d[k]}" for k, dflt in (("twig", "embedded"), ("delta", 5), ("theta", 0.6)) if d[k] != dflt]
+        return "+ssd" + (f"[{','.join(tweaks)}]" if tweaks else "")
 
     @property
     def label(self) -> str:
@@ -139,17 +174,18 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
         settings = m.get("settings") or {}
         if not isinstance(settings, dict):
             raise ExperimentError(f"{where}: methods[{i}].settings must be a mapping, got {settings!r}")
+        decoding = parse_decoding(m.get("decoding"), f"{where}: methods[{i}]")
         own = m.get("budgets", budgets)
         if not isinstance(own, list):
             raise ExperimentError(f"{where}: methods[{i}].budgets must be a list, got {own!r}")
         if REGISTRY[method].budgeted:
             if not own:
                 raise ExperimentError(f"{where}: method {method!r} needs budgets (sweep 'budgets' or its own)")
-            cells += [Cell(method, dict(settings), b) for b in own]
+            cells += [Cell(method, dict(settings), b, decoding) for b in own]
         else:
             if "budgets" in m:
                 raise ExperimentError(f"{where}: method {method!r} takes no budget; remove its 'budgets'")
-            cells.append(Cell(method, dict(settings), None))
+            cells.append(Cell(method, dict(settings), None, decoding))
     labels = [c.label for c in cells]
     dup = {l for l in labels if labels.count(l) > 1}
     if dup:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from harness.data import load_samples, score
 from harness.engine.generate import Record, generate
+from harness.engine.speculative import speculative_generate
 from harness.experiment import Cell, Experiment
 from harness.models.adapter import ModelAdapter, load_model
 from harness.tracking import DEFAULT_TRACKING_URI, environment_tags, sweep_run
@@ -26,6 +27,23 @@ class CellResult:
     records: list[dict]
 
 
+_TWIGS: dict = {}
+
+
+def twig_for(adapter: ModelAdapter, method, decoding: dict):
+    """The drafting twig of an SSD cell: the method's own (TTP with the same twig) or loaded once."""
+    from methods.twigvlm.ttp import resolve_twig
+    from methods.twigvlm.twig import load_twig
+
+    path = resolve_twig(decoding["twig"])
+    if getattr(method, "twig", None) is not None and getattr(method, "twig_dir", None) == path:
+        return method.twig
+    key = (id(adapter.model), str(path))
+    if key not in _TWIGS:
+        _TWIGS[key] = load_twig(path, adapter.model)
+    return _TWIGS[key]
+
+
 def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict], max_new_tokens: int,
              warmup: int, baseline: list[dict] | None = None) -> CellResult:
     """One cell over the samples (`inputs`: their processed prompts). Relative metrics compare
@@ -34,12 +52,23 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     method = cell.build()
     method.bind(adapter)
     method.configure(ModelShape(adapter.num_layers, adapter.num_visual))
+    ssd = cell.decoding
+    twig = twig_for(adapter, method, ssd) if ssd else None
+
+    def decode(s, x):
+        if not ssd:
+            return generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=s), None
+        return speculative_generate(adapter, x["input_ids"], x["pixel_values"], method, twig, max_new_tokens,
+                                    delta=ssd["delta"], theta=ssd["theta"], sample=s)
+
     for s, x in list(zip(samples, inputs))[:warmup]:  # untimed warm-up, results discarded
-        generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=s)
+        decode(s, x)
     records = []
     for s, x in zip(samples, inputs):
-        rec: Record = generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=s)
-        records.append({
+        rec, stats = decode(s, x)
+        spec = {} if stats is None else {"target_forwards": stats.target_forwards, "drafted": stats.drafted,
+                                         "accepted": stats.accepted, "rounds": len(stats.rounds)}
+        records.append({**spec,
             "uid": s.uid, "qtype": s.qtype, "question": s.question, "answer": s.answer,
             "prediction": rec.text, "tokens": rec.tokens, "score": score(s, rec.text), "new_tokens": len(rec.tokens),
             "vision_ms": rec.vision_ms, "prefill_ms": rec.prefill_ms, "select_ms": rec.select_ms,
@@ -47,7 +76,12 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
             "visual_per_layer": rec.visual_per_layer, "keep": {str(k): v for k, v in rec.keep.items()},
             "merged": {str(k): {str(p): src for p, src in v.items()} for k, v in rec.merged.items()},
         })
-    params = {**method.params(), "model": adapter.name, "dtype": adapter.dtype_name,
+    if ssd:
+        params_ssd = {"decoding": "ssd", "ssd_twig": ssd["twig"], "ssd_delta": ssd["delta"],
+                      "ssd_theta": ssd["theta"], "ssd_K": twig.K, "ssd_T": twig.T}
+    else:
+        params_ssd = {"decoding": "greedy"}
+    params = {**method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
               "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
               "num_visual": adapter.num_visual, "max_new_tokens": max_new_tokens, "cell": cell.label,
               "series": cell.series}
@@ -67,6 +101,11 @@ def aggregate(records: list[dict], baseline: list[dict] | None) -> dict:
         "equal_token_average": statistics.fmean(r["equal_token_average"] for r in records),
         "samples": len(records),
     }
+    if "drafted" in records[0]:
+        drafted = sum(r["drafted"] for r in records)
+        m["acceptance_rate"] = sum(r["accepted"] for r in records) / drafted if drafted else 0.0
+        m["mean_accepted_length"] = sum(r["new_tokens"] for r in records) / max(1, sum(r["rounds"] for r in records))
+        m["target_forwards_per_token"] = sum(r["target_forwards"] for r in records) / sum(r["new_tokens"] for r in records)
     for t in sorted({r["qtype"] for r in records}):
         m[f"accuracy_{t}"] = statistics.fmean(r["score"] for r in records if r["qtype"] == t)
     if baseline is not None:
