@@ -114,3 +114,20 @@ def test_finalwipe_drops_every_visual_token_at_its_layer(tiny_llava_dir, samples
     assert pre.visual_per_layer == [adapter.num_visual, R, R, 0]
     assert abs(sum(pre.visual_per_layer) / 4 - method.budget.tokens(adapter.num_visual)) <= 1
     assert json.loads(open(f"{tiny_twig}/twig.json").read())["K"] == 1
+
+
+@pytest.mark.parametrize("j", [1, 2])
+def test_ttp_backbone_score_source_is_that_layers_last_row(tiny_llava_dir, samples, tiny_twig, j):
+    """Score-source ablation: backbone layer j's attention on the unpruned prompt (eager reference)."""
+    engine = load_model(tiny_llava_dir)
+    eager = load_model(tiny_llava_dir, attn_implementation="eager")
+    method = configured(engine, 0.6, twig=tiny_twig, final_wipe=None, score_layer=j)
+    s = samples[2]
+    x = engine.inputs(s.image, s.question)
+    with torch.no_grad():
+        att = eager.model(**x, output_attentions=True).attentions[j][0]
+    cols = (x["input_ids"][0] == engine.image_token_id).nonzero().flatten()
+    expected = sorted(att[:, -1, cols].mean(0).topk(method.keep_n).indices.tolist())
+    pre = prefill(engine, x["input_ids"], x["pixel_values"], method)
+    assert pre.keep[method.K - 1] == expected
+    assert method.params()["score_source"] == f"backbone layer {j}"

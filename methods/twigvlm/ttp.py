@@ -13,7 +13,10 @@ visual tokens; that cost is extra to the backbone's and is recorded as `twig_lay
 
 Settings: `twig` (a directory from train_twig, or "embedded": the embedded model's twig),
 `final_wipe` (K_f; default round(24 * L / 32); null: no FinalWipe), `K` (only for a released
-twig without twig.json).
+twig without twig.json), `score_layer` (the paper's score-source ablation: null = the last twig
+layer; an integer j >= K = backbone layer j's attention, computed by running layers K..j on the
+unpruned sequence in a scratch pass, e.g. j = K or j = K + T - 1, the layer the last twig layer
+was copied from).
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ class TwigTTP(Method):
     budgeted = True
     fusable = True  # FinalWipe reads no scores: SSD may fuse the deep prefill with the first drafts
 
-    def __init__(self, budget=None, twig: str = "embedded", final_wipe=_UNSET, K: int | None = None):
+    def __init__(self, budget=None, twig: str = "embedded", final_wipe=_UNSET, K: int | None = None,
+                 score_layer: int | None = None):
         super().__init__(budget)
         self.twig_dir = resolve_twig(twig)
         self.twig_name = twig
@@ -60,11 +64,13 @@ class TwigTTP(Method):
             raise MethodError(f"twigvlm: twig {twig!r} has no twig.json saying its K; set `K`")
         self.T = meta.get("T")
         self.final_wipe_setting = final_wipe
+        self.score_layer = score_layer
         self.twig = None
+        self.backbone_layers = None
 
     @classmethod
     def allowed_settings(cls):
-        return ("twig", "final_wipe", "K")
+        return ("twig", "final_wipe", "K", "score_layer")
 
     def bind(self, adapter) -> None:
         from methods.twigvlm.twig import load_twig
@@ -73,6 +79,7 @@ class TwigTTP(Method):
             self.twig = load_twig(self.twig_dir, adapter.model, self.K)
             self._bound_to = adapter.model
         self.T = self.twig.T
+        self.backbone_layers = adapter.layers
 
     _bound_to = None
 
@@ -96,10 +103,32 @@ class TwigTTP(Method):
             raise MethodError(f"twigvlm: budget {rbar} tokens needs {self.keep_n} > {M} tokens after layer "
                               f"{self.K} with final_wipe {kf}; allowed: a smaller budget or no FinalWipe")
         self.prune_layers = (self.K - 1,) + ((kf - 1,) if kf is not None and kf < L else ())
+        sl = self.score_layer
+        if sl is not None and (isinstance(sl, bool) or not isinstance(sl, int) or not self.K <= sl < L):
+            raise MethodError(f"twigvlm: score_layer {sl!r}; allowed: null (the twig) or an integer in "
+                              f"{self.K}..{L - 1}")
 
     def params(self) -> dict:
         return {**super().params(), "K": self.K, "twig_layers": self.T, "twig": self.twig_name,
-                "keep_after_K": self.keep_n, "final_wipe": self.final_wipe}
+                "twig_init": getattr(self.twig, "init", None), "keep_after_K": self.keep_n,
+                "final_wipe": self.final_wipe,
+                "score_source": "twig" if self.score_layer is None else f"backbone layer {self.score_layer}"}
+
+    def backbone_scores(self, ctx) -> torch.Tensor:
+        """Ablation: backbone layer j's last-row attention, layers K..j run on everything."""
+        from harness.engine.generate import attention_rows
+
+        hidden, (cos, sin) = ctx.hidden, ctx.position_embeddings
+        n = hidden.shape[1]
+        mask = causal(n, hidden.dtype, hidden.device)
+        scratch = DynamicCache()
+        for j in range(self.K, self.score_layer + 1):
+            layer_input = hidden
+            hidden = self.backbone_layers[j](hidden, attention_mask=mask, position_ids=ctx.positions[None],
+                                             position_embeddings=(cos, sin), cache=scratch)
+        keys = scratch.layers[self.score_layer].keys
+        last = torch.tensor([n - 1], device=hidden.device)
+        return attention_rows(self.backbone_layers[self.score_layer], layer_input, last, cos, sin, keys)[0]
 
     def twig_prefill(self, ctx):
         """The twig over the output of layer K-1; returns (last twig layer's scores, cache, output)."""
@@ -122,5 +151,7 @@ class TwigTTP(Method):
     def select(self, ctx) -> torch.Tensor:
         if ctx.layer == self.K - 1:
             scores, self.twig_cache, self.twig_hidden = self.twig_prefill(ctx)
+            if self.score_layer is not None:
+                scores = self.backbone_scores(ctx)
             return top_k_indices(scores[ctx.visual_rows], self.keep_n)
         return torch.zeros(0, dtype=torch.long)  # FinalWipe
