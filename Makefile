@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: help setup test test-fast sweep report ui train-embedded clean
+.PHONY: help setup test test-fast sweep report ui bench train-embedded train-twig clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -34,6 +34,13 @@ report: $(STAMP)  ## rewrite the default experiment's report from MLflow
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 for ./mlflow.db
 	@echo "MLflow UI: http://127.0.0.1:5000  (Ctrl-C to stop)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+bench: $(STAMP)  ## decode speed of greedy, SSD, TTP+SSD, FastV on the long-description task
+	$(BIN)/python -m harness.bench
+
+train-twig: $(STAMP)  ## retrain the embedded model's twig (K=1, T=2; resumable)
+	$(BIN)/python -m methods.twigvlm.train_twig --model embedded --K 1 --T 2 --lr 5e-4 \
+		--out harness/models/embedded/twigs/K1-T2
 
 train-embedded: $(STAMP)  ## retrain the embedded model (resumable; ~2 h on 2 cores)
 	$(BIN)/python -m harness.models.train_embedded --out build/train-embedded

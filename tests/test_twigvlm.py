@@ -131,3 +131,45 @@ def test_ttp_backbone_score_source_is_that_layers_last_row(tiny_llava_dir, sampl
     pre = prefill(engine, x["input_ids"], x["pixel_values"], method)
     assert pre.keep[method.K - 1] == expected
     assert method.params()["score_source"] == f"backbone layer {j}"
+
+
+def test_train_twig_learns_only_the_twig_and_resumes(tiny_llava_dir, tmp_path):
+    """Two steps on the synthetic train split, then on LLaVA-format JSON data; the backbone stays
+    frozen, the twig's weights move, the result loads as a twig and an interrupted run resumes."""
+    from PIL import Image
+
+    from harness.data import synthetic as syn
+    from methods.twigvlm import train_twig
+
+    out = tmp_path / "twig"
+    train_twig.main(["--model", tiny_llava_dir, "--K", "1", "--T", "2", "--steps", "2", "--batch", "2",
+                     "--lr", "1e-2", "--ckpt-every", "1", "--out", str(out)])
+    adapter = load_model(tiny_llava_dir)
+    trained = load_twig(out, adapter.model)
+    grown = Twig.grow(adapter.model, 1, 2, "copy")
+    assert trained.K == 1 and trained.T == 2
+    assert not torch.equal(trained.layers[0].mlp.up_proj.weight, grown.layers[0].mlp.up_proj.weight)
+    meta = json.loads((out / "twig.json").read_text())
+    assert meta["steps"] == 2 and meta["init"] == "copy" and len(meta["log"]) == 1
+    # resuming a finished run trains nothing more
+    train_twig.main(["--model", tiny_llava_dir, "--K", "1", "--T", "2", "--steps", "2", "--batch", "2",
+                     "--out", str(out)])
+    again = load_twig(out, adapter.model)
+    assert torch.equal(again.layers[0].mlp.up_proj.weight, trained.layers[0].mlp.up_proj.weight)
+
+    records = []
+    for i in range(2):
+        s = syn.make_sample("train", i)
+        s.image.save(tmp_path / f"{i}.png")
+        records.append({"image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + s.question}, {"from": "gpt", "value": s.answer},
+            {"from": "human", "value": s.question}, {"from": "gpt", "value": s.answer}]})
+    records.append({"conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "skipped"}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    batches = train_twig.llava_json_batches(adapter, str(tmp_path / "data.json"), str(tmp_path), 2, 0)
+    pv, ids, labels, mask = next(batches)
+    assert pv.shape[0] == 2 and int((ids[0] == adapter.image_token_id).sum()) == adapter.num_visual
+    assert (labels != -100).sum() > 0 and (labels[ids == adapter.image_token_id] == -100).all()
+    train_twig.main(["--model", tiny_llava_dir, "--K", "1", "--T", "1", "--data", str(tmp_path / "data.json"),
+                     "--image-root", str(tmp_path), "--batch", "2", "--out", str(tmp_path / "twig-json")])
+    assert load_twig(tmp_path / "twig-json", adapter.model).T == 1
