@@ -39,8 +39,9 @@ bench: $(STAMP)  ## decode speed of greedy, SSD, TTP+SSD, FastV on the long-desc
 	$(BIN)/python -m harness.bench
 
 train-twig: $(STAMP)  ## retrain the embedded model's twig (K=1, T=2; resumable)
-	$(BIN)/python -m methods.twigvlm.train_twig --model embedded --K 1 --T 2 --lr 5e-4 \
-		--out harness/models/embedded/twigs/K1-T2
+	$(BIN)/python -m methods.twigvlm.train_twig --model embedded --K 1 --T 2 --lr 5e-4 --out build/twig-K1-T2
+	mkdir -p harness/models/embedded/twigs/K1-T2
+	cp build/twig-K1-T2/twig.safetensors build/twig-K1-T2/twig.json harness/models/embedded/twigs/K1-T2/
 
 train-embedded: $(STAMP)  ## retrain the embedded model (resumable; ~2 h on 2 cores)
 	$(BIN)/python -m harness.models.train_embedded --out build/train-embedded
