@@ -71,6 +71,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
         records.append({**spec,
             "uid": s.uid, "qtype": s.qtype, "question": s.question, "answer": s.answer,
             "prediction": rec.text, "tokens": rec.tokens, "score": score(s, rec.text), "new_tokens": len(rec.tokens),
+            "decode_tokens": len(rec.tokens) - (1 if stats is None else stats.first_tokens),
             "vision_ms": rec.vision_ms, "prefill_ms": rec.prefill_ms, "select_ms": rec.select_ms,
             "decode_ms": rec.decode_ms, "equal_token_average": rec.equal_token_average,
             "visual_per_layer": rec.visual_per_layer, "keep": {str(k): v for k, v in rec.keep.items()},
@@ -91,7 +92,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
 
 def aggregate(records: list[dict], baseline: list[dict] | None) -> dict:
     med = lambda k: statistics.median(r[k] for r in records)  # noqa: E731
-    decode_tokens = sum(r["new_tokens"] - 1 for r in records)
+    decode_tokens = sum(r["decode_tokens"] for r in records)  # tokens after the first (ones)
     decode_s = sum(r["decode_ms"] for r in records) / 1e3
     m = {
         "accuracy": statistics.fmean(r["score"] for r in records),
@@ -115,6 +116,10 @@ def aggregate(records: list[dict], baseline: list[dict] | None) -> dict:
         m["agreement_with_baseline"] = statistics.fmean(
             float(r["prediction"] == base[r["uid"]]["prediction"]) for r in records)
         m["prefill_speedup"] = statistics.median(r["prefill_ms"] for r in baseline) / m["prefill_ms"]
+        base_tokens = sum(r["decode_tokens"] for r in baseline)
+        base_s = sum(r["decode_ms"] for r in baseline) / 1e3
+        if base_s > 0 and decode_s > 0:
+            m["decode_speedup"] = m["decode_tokens_per_s"] / (base_tokens / base_s)
     return m
 
 

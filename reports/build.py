@@ -27,6 +27,9 @@ def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
         "prefill_ms": col("metrics.prefill_ms"),
         "prefill_speedup": col("metrics.prefill_speedup"),
         "decode_tokens_per_s": col("metrics.decode_tokens_per_s"),
+        "decode_speedup": col("metrics.decode_speedup"),
+        "acceptance_rate": col("metrics.acceptance_rate"),
+        "mean_accepted_length": col("metrics.mean_accepted_length"),
         "equal_token_average": col("metrics.equal_token_average"),
         "official_equal_token_average": pd.to_numeric(col("params.official_equal_token_average"), errors="coerce"),
     })
@@ -38,18 +41,25 @@ def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
 def markdown(table: pd.DataFrame, title: str, meta: str) -> str:
     show = table.copy()
     for c in show.columns:
-        if c.startswith("acc") or c == "relative_accuracy":
+        if (c.startswith("acc") and c != "acceptance_rate") or c == "relative_accuracy":
             show[c] = (100 * show[c]).map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
     for c in ("prefill_ms", "decode_tokens_per_s", "equal_token_average", "official_equal_token_average"):
         show[c] = show[c].map(lambda v: "" if pd.isna(v) else f"{v:.1f}" if c != "prefill_ms" else f"{v:.2f}")
-    show["prefill_speedup"] = show["prefill_speedup"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
+    for c in ("prefill_speedup", "decode_speedup"):
+        show[c] = show[c].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
+    show["acceptance_rate"] = show["acceptance_rate"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f}")
+    show["mean_accepted_length"] = show["mean_accepted_length"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    show = show.drop(columns=[c for c in ("acceptance_rate", "mean_accepted_length", "official_equal_token_average")
+                              if table[c].isna().all()])
     show["budget_tokens"] = show["budget_tokens"].map(lambda v: "all" if pd.isna(v) else str(int(v)))
     header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
     rows = "".join("| " + " | ".join(map(str, r)) + " |\n" for r in show.itertuples(index=False))
     return (f"# {title}\n\n{meta}\n\n{conventions(table)}Accuracy in %, relative accuracy against the baseline cell of "
             f"the same sweep; prefill is the median time of the LLM's prompt pass (pruning included, vision "
-            f"encoding excluded); equal-token average is the "
-            f"visual tokens each layer processed, averaged over layers (measured).\n\n{header}{rows}\n"
+            f"encoding excluded; for SSD cells, the time to the first token); decode speedup is the "
+            f"decode tokens/s against the baseline cell's; acceptance rate (%) and mean accepted length "
+            f"(tokens per target forward) are SSD's; equal-token average is the "
+            f"visual tokens each backbone layer processed, averaged over layers (measured).\n\n{header}{rows}\n"
             f"![accuracy vs budget](accuracy_vs_budget.png)\n")
 
 

@@ -35,6 +35,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     rounds: list = field(default_factory=list)  # tokens emitted per round
+    first_tokens: int = 0  # tokens known at the time to first token (decode speed counts the rest)
 
     @property
     def acceptance_rate(self) -> float:
@@ -122,6 +123,7 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             correction = int(adapter.logits(seq.hidden[:, -1:])[0, -1].argmax())
             out.append(correction)
         first_token_at = time.perf_counter() if out else None
+        stats.first_tokens = len(out)
         deep_layers = range(K, L)
         while len(out) < max_new_tokens and eos not in out:
             # ---- draft
@@ -189,6 +191,7 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             if first_token_at is None:
                 sync(device)
                 first_token_at = time.perf_counter()
+                stats.first_tokens = min(len(out), max_new_tokens)
         out = out[:max_new_tokens]
     sync(device)
     t2 = time.perf_counter()
