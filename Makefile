@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: help setup test test-fast sweep report ui bench train-embedded train-twig clean
+.PHONY: help setup test test-fast sweep report ui bench ablation train-embedded train-twig clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -42,6 +42,16 @@ train-twig: $(STAMP)  ## retrain the embedded model's twig (K=1, T=2; resumable)
 	$(BIN)/python -m methods.twigvlm.train_twig --model embedded --K 1 --T 2 --lr 5e-4 --out build/twig-K1-T2
 	mkdir -p harness/models/embedded/twigs/K1-T2
 	cp build/twig-K1-T2/twig.safetensors build/twig-K1-T2/twig.json harness/models/embedded/twigs/K1-T2/
+
+ABLATION_TWIGS := K1-T2-random K1-T2-last K1-T1-copy K1-T3-copy K0-T2-copy K2-T2-copy K3-T2-copy
+
+ablation: $(STAMP) $(foreach t,$(ABLATION_TWIGS),build/twigs/$(t)/twig.safetensors)  ## TwigVLM ablations (trains their twigs first)
+	$(BIN)/twigbench sweep experiments/ablation_twig.yaml
+
+build/twigs/%/twig.safetensors: | $(STAMP)
+	$(BIN)/python -m methods.twigvlm.train_twig --model embedded --lr 5e-4 --out build/twigs/$* \
+		--K $(subst K,,$(word 1,$(subst -, ,$*))) --T $(subst T,,$(word 2,$(subst -, ,$*))) \
+		--init $(word 3,$(subst -, ,$*))
 
 train-embedded: $(STAMP)  ## retrain the embedded model (resumable; ~2 h on 2 cores)
 	$(BIN)/python -m harness.models.train_embedded --out build/train-embedded
