@@ -53,8 +53,12 @@ build/twigs/%/twig.safetensors: | $(STAMP)
 		--K $(subst K,,$(word 1,$(subst -, ,$*))) --T $(subst T,,$(word 2,$(subst -, ,$*))) \
 		--init $(word 3,$(subst -, ,$*))
 
-train-embedded: $(STAMP)  ## retrain the embedded model (resumable; ~2 h on 2 cores)
+train-embedded: $(STAMP)  ## retrain the embedded model, both stages (resumable; ~3 h on 2 cores)
 	$(BIN)/python -m harness.models.train_embedded --out build/train-embedded
+	$(BIN)/python -m harness.models.train_embedded --out build/finetune-embedded \
+		--init-from build/train-embedded/final --steps 1500 --lr 5e-4 --warmup 100 --drop-from 0 \
+		--object-drop 0.5 --type-weights count=2,exist=2,position=2 --turn-mean --seed 1
+	@echo "evaluate and install: $(BIN)/python -m harness.models.publish_embedded build/finetune-embedded/final"
 
 clean:  ## remove outputs (keeps .venv and mlflow.db)
 	rm -rf build reports/out .pytest_cache

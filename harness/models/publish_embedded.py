@@ -57,14 +57,38 @@ def evaluate(model_dir: str, per_type: int) -> dict:
     return {k: {t: statistics.fmean(v) for t, v in d.items()} for k, d in scores.items()}
 
 
-def card(result: dict, training: dict, per_type: int) -> str:
+def stage_text(stage: dict, i: int) -> str:
+    a = stage["args"]
+    if not a.get("init_from"):
+        cmd = (f"python -m harness.models.train_embedded --out build/train-embedded --vision-steps "
+               f"{a['vision_steps']} --steps {a['steps']} --batch {a['batch']} --lr {a['lr']} "
+               f"--aux-weight {a['aux_weight']} --drop-from {a['drop_from']} --seed {a['seed']}")
+        what = (f"from scratch: {a['vision_steps']} vision-only steps with auxiliary per-patch "
+                f"colour/shape/letter heads, then full-model steps on multi-turn conversations (next-token "
+                f"loss on answers plus the auxiliary loss x {a['aux_weight']}); from full step "
+                f"{a['drop_from']} on, half of the conversations lose a random fraction of their visual tokens")
+    else:
+        weights = ",".join(f"{k}={v:g}" for k, v in (a.get("type_weights") or {}).items())
+        cmd = (f"python -m harness.models.train_embedded --out build/finetune-embedded --init-from "
+               f"build/train-embedded/final --steps {a['steps']} --lr {a['lr']} --warmup {a['warmup']} "
+               f"--drop-from {a['drop_from']} --object-drop {a['object_drop']}"
+               + (f" --type-weights {weights}" if weights else "") + (" --turn-mean" if a.get("turn_mean") else "")
+               + f" --seed {a['seed']}")
+        what = (f"fine-tuning the stage above: every answer turn weighs the same in the loss"
+                + (f", question mix {weights} (others 1)" if weights else "")
+                + f"; half of the conversations lose visual tokens, and {100 * a['object_drop']:.0f} % of those "
+                f"keep an oracle-like subset instead (most of the first question's object patches plus a few "
+                f"random others) and are cut to that question, so that pruned inputs that keep the right "
+                f"patches stay in distribution")
+    return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps, batch {a['batch']}, AdamW, warm-up then "
+            f"cosine, bf16 autocast, {stage['minutes']} minutes on 2 CPU cores; {what}.\n")
+
+
+def card(result: dict, stages: list[dict], per_type: int, vocab_size) -> str:
     rows = "".join(
         f"| {t} | {100 * result['model'][t]:.1f} | {100 * result['majority'][t]:.1f} | "
         f"{100 * result['blind'][t]:.1f} |\n" for t in syn.QUESTION_TYPES)
-    args = training["args"]
-    cmd = (f"python -m harness.models.train_embedded --out build/train-embedded "
-           f"--vision-steps {args['vision_steps']} --steps {args['steps']} --batch {args['batch']} "
-           f"--lr {args['lr']} --aux-weight {args['aux_weight']} --seed {args['seed']}")
+    history = "\n".join(stage_text(st, i + 1) for i, st in enumerate(stages))
     return f"""# llava-tiny-shapes
 
 A 4 M-parameter LLaVA-1.5 (transformers `LlavaForConditionalGeneration`) trained from scratch on
@@ -74,19 +98,15 @@ the same code path as a 7B checkpoint, small enough for a laptop CPU.
 - Vision: CLIP ViT, 96 px images, 8 px patches (144 visual tokens + CLS), 4 layers x 128 wide,
   features from layer -2, CLS dropped ("default"), two-layer GELU projector.
 - Language: Llama, 16 layers x 128 wide, 4 heads (2 KV heads, GQA), MLP 384, word-level vocabulary
-  of {training.get('vocab_size', '?')} words, LLaVA-1.5 prompt `USER: <image>\\n<question> ASSISTANT:`.
+  of {vocab_size} words, LLaVA-1.5 prompt `USER: <image>\n<question> ASSISTANT:`.
 - Weights: float16 safetensors; load with `LlavaForConditionalGeneration.from_pretrained(dir)` and
   `AutoProcessor.from_pretrained(dir)`, offline.
 
-## Training
+## Training (`make train-embedded` runs these in order; each resumes after an interruption)
 
-`{cmd}`
-
-Seed {args['seed']}; {training['steps']} steps ({args['vision_steps']} vision-only steps with
-auxiliary per-patch colour/shape/letter heads, then full-model steps on multi-turn conversations,
-next-token loss on answers plus the auxiliary loss x {args['aux_weight']}); AdamW, lr {args['lr']},
-warm-up then cosine, bf16 autocast; {training['minutes']} minutes on 2 CPU cores. The auxiliary
-heads are not part of the saved model.
+{history}
+The auxiliary heads are not part of the saved model. `training.json` holds every stage's arguments
+and loss/validation log.
 
 ## Test accuracy (%), {per_type} samples per type, greedy through the harness engine
 
@@ -107,16 +127,22 @@ def main(argv=None):
     torch.set_num_threads(2)
     src = Path(args.final_dir)
     training = json.loads((src / "training.json").read_text())
-    training["vocab_size"] = json.loads((src / "config.json").read_text())["text_config"]["vocab_size"]
+    stages = [training]
+    if training["args"].get("init_from"):  # a fine-tuning stage: prepend the installed model's history
+        previous = Path(training["args"]["init_from"]) / "training.json"
+        before = json.loads(previous.read_text())
+        stages = before.get("stages", [before]) + stages
+    vocab_size = json.loads((src / "config.json").read_text())["text_config"]["vocab_size"]
     result = evaluate(str(src), args.per_type)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copy2(src / f, dest / f)
-    (dest / "README.md").write_text(card(result, training, args.per_type))
+    (dest / "README.md").write_text(card(result, stages, args.per_type, vocab_size))
     (dest / "eval.json").write_text(json.dumps(result, indent=1))
     summary = {k: {t: round(v, 3) for t, v in d.items()} for k, d in result.items()}
-    (dest / "training_log.json").write_text(json.dumps(training["log"]))
+    (dest / "training.json").write_text(json.dumps({"stages": stages}))
+    (dest / "training_log.json").unlink(missing_ok=True)
     print(json.dumps(summary, indent=1))
     print(f"installed in {dest}")
 
