@@ -226,18 +226,26 @@ def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache: Dyna
     return seq
 
 
+def start_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
+                 sample=None) -> tuple[Sequence, float, float]:
+    """The timed vision stage, then the embedded prompt: (sequence, vision ms, clock after vision)."""
+    sync(adapter.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        vis = encode_vision(adapter, pixel_values, method, sample)
+    sync(adapter.device)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        seq = embed_prompt(adapter, input_ids, vis, sample)
+    return seq, (t1 - t0) * 1e3, t1
+
+
 def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
             sample=None) -> Prefill:
     """Run the prompt through every layer, letting the method drop visual tokens after its layers."""
     device = adapter.device
-    sync(device)
-    t0 = time.perf_counter()
+    seq, vision_ms, t1 = start_prompt(adapter, input_ids, pixel_values, method, sample)
     with torch.no_grad():
-        vis = encode_vision(adapter, pixel_values, method, sample)
-    sync(device)
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        seq = embed_prompt(adapter, input_ids, vis, sample)
         prompt_len = seq.hidden.shape[1]  # decode positions continue from here, whatever is pruned later
         cache = DynamicCache(config=adapter.model.config.text_config)
         run_layers(adapter, seq, method, cache, 0, adapter.num_layers)
@@ -245,7 +253,7 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
     sync(device)
     t2 = time.perf_counter()
     return Prefill(cache, logits, prompt_len, seq.visual_per_layer, seq.keep, seq.merged,
-                   vision_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3, select_ms=seq.select_s * 1e3)
+                   vision_ms=vision_ms, prefill_ms=(t2 - t1) * 1e3, select_ms=seq.select_s * 1e3)
 
 
 def decode_step(adapter: ModelAdapter, token: int, position: int, cache: DynamicCache) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from harness.engine.generate import (Record, causal_mask, embed_prompt, encode_vision, run_layers, sync)
+from harness.engine.generate import Record, causal_mask, run_layers, start_prompt, sync
 from harness.models.adapter import ModelAdapter
 from methods.base import Method
 
@@ -91,14 +91,8 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
     `on_round(out, cache, twig_cache)` is called after every verification round."""
     K, L, device, eos = twig.K, adapter.num_layers, adapter.device, adapter.eos_token_id
     stats = SpecStats()
-    sync(device)
-    t0 = time.perf_counter()
+    seq, vision_ms, t1 = start_prompt(adapter, input_ids, pixel_values, method, sample)
     with torch.no_grad():
-        vis = encode_vision(adapter, pixel_values, method, sample)
-    sync(device)
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        seq = embed_prompt(adapter, input_ids, vis, sample)
         P = seq.hidden.shape[1]
         cache = DynamicCache(config=adapter.model.config.text_config)
         twig_cache = DynamicCache()
@@ -197,6 +191,6 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
     t2 = time.perf_counter()
     prefill_ms = (first_token_at - t1) * 1e3  # time to the first token (round 1 when fused)
     decode_ms = (t2 - first_token_at) * 1e3
-    rec = Record(out, adapter.decode(out), (t1 - t0) * 1e3, prefill_ms, seq.select_s * 1e3, decode_ms,
+    rec = Record(out, adapter.decode(out), vision_ms, prefill_ms, seq.select_s * 1e3, decode_ms,
                  seq.visual_per_layer[:L], seq.keep, seq.merged)
     return rec, stats
