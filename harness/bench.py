@@ -11,6 +11,8 @@ Analytic bound: with per-draft acceptance a and at most d drafts per round, a ro
 E = (1 - a^(d+1)) / (1 - a) tokens in expectation and costs one target forward plus d draft steps;
 a draft step runs K + T of the target's L layers, so the speedup is at most E / (1 + d (K + T) / L)
 (an upper bound: it ignores the fixed costs of each forward that small models are dominated by).
+"layers" is the same estimate from the measured counters (tokens per round, drafts per round),
+which with theta's early stops can exceed the bound computed for d drafts every round.
 """
 from __future__ import annotations
 
@@ -72,10 +74,11 @@ def run(model: str = "embedded", twig: str = "embedded", samples: int = 12, max_
         results.append({"name": name, "tokens_per_s": tokens / seconds, "tokens": tokens,
                         "target_forwards_per_token": forwards / tokens,
                         "acceptance": accepted / drafted if drafted else None,
-                        "mean_accepted_length": tokens / rounds if rounds else None})
+                        "mean_accepted_length": tokens / rounds if rounds else None,
+                        "drafts_per_round": drafted / rounds if rounds else None})
     base = results[0]["tokens_per_s"]
     draft_layers = ttp.K + ttp.twig.T
-    print(f"{'':10} {'tokens/s':>9} {'vs greedy':>9} {'fwd/token':>9} {'accept':>7} {'len':>5} {'bound':>6}")
+    print(f"{'':10} {'tokens/s':>9} {'vs greedy':>9} {'fwd/token':>9} {'accept':>7} {'len':>5} {'bound':>6} {'layers':>7}")
     for r in results:
         r["ratio"] = r["tokens_per_s"] / base
         bound = analytic_bound(r["acceptance"], delta, draft_layers, adapter.num_layers) if r["acceptance"] is not None else None
@@ -83,8 +86,13 @@ def run(model: str = "embedded", twig: str = "embedded", samples: int = 12, max_
         acc = "" if r["acceptance"] is None else f"{100 * r['acceptance']:.1f}%"
         ln = "" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
         bd = "" if bound is None else f"{bound:.2f}x"
+        # measured counters in units of full-model forwards: a round = 1 target forward + its drafts
+        est = (None if r["mean_accepted_length"] is None else
+               r["mean_accepted_length"] / (1 + r["drafts_per_round"] * draft_layers / adapter.num_layers))
+        r["layer_estimate"] = est
+        es = "" if est is None else f"{est:.2f}x"
         print(f"{r['name']:10} {r['tokens_per_s']:9.1f} {r['ratio']:8.2f}x {r['target_forwards_per_token']:9.2f} "
-              f"{acc:>7} {ln:>5} {bd:>6}")
+              f"{acc:>7} {ln:>5} {bd:>6} {es:>7}")
     print(f"({samples} describe samples, up to {max_new_tokens} new tokens, budget {budget}, delta {delta}, "
           f"theta {theta}, draft = {ttp.K} + {ttp.twig.T} of {adapter.num_layers} layers)")
     return results
