@@ -67,3 +67,26 @@ def test_cache_lengths_after_every_round(setup, samples):
         speculative_generate(adapter, x["input_ids"], x["pixel_values"], m, m.twig, 20, delta=4, theta=0.0,
                              sample=s, on_round=check)
     assert len(rounds) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,budget,settings", [
+    ("twigvlm", 0.889, {}), ("fastv", 0.889, {"K": 1}), ("baseline", None, {})])
+def test_ssd_is_lossless_on_the_embedded_test_split(name, budget, settings):
+    """The shipped model and twig, fp32, every question type: SSD's tokens are greedy's."""
+    from harness.data import load_samples
+    from methods.twigvlm.ttp import EMBEDDED_TWIG
+    from methods.twigvlm.twig import load_twig
+
+    adapter = load_model("embedded")
+    m = method(adapter, name, budget, **settings)
+    twig = m.twig if name == "twigvlm" else load_twig(EMBEDDED_TWIG, adapter.model)
+    accepted = 0
+    samples = load_samples("shapes", "test", 8)
+    for s in samples:
+        x = adapter.inputs(s.image, s.question)
+        ref = generate(adapter, x["input_ids"], x["pixel_values"], m, 48, sample=s)
+        rec, stats = speculative_generate(adapter, x["input_ids"], x["pixel_values"], m, twig, 48, sample=s)
+        assert rec.tokens == ref.tokens, s.uid
+        accepted += stats.accepted
+    assert accepted > len(samples)  # the trained twig's drafts are mostly accepted
