@@ -118,7 +118,7 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             out.append(correction)
         first_token_at = time.perf_counter() if out else None
         stats.first_tokens = len(out)
-        deep_layers = range(K, L)
+        no_prune = Method()  # later rounds only verify: pruning happened at prefill
         while len(out) < max_new_tokens and eos not in out:
             # ---- draft
             pos = P + len(out) - (1 if correction is not None else 0)  # position of the next new row
@@ -157,7 +157,6 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
                 seq.cos, seq.sin = adapter.rotary(new, new_pos[None])
                 seq.visual_rows = seq.visual_rows[:0]
                 n_new = new.shape[1]
-            no_prune = Method()
             run_layers(adapter, seq, method if (fuse and not out) else no_prune, cache, K, L)
             stats.target_forwards += 1
             target = adapter.logits(seq.hidden[:, -n_new:])[0].argmax(-1).tolist()
