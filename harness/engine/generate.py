@@ -29,17 +29,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def causal_mask(adapter: ModelAdapter, q_len: int, kv_len: int, dtype, device) -> torch.Tensor | None:
-    """Additive mask, causal and aligned bottom-right (query i sees keys <= kv_len - q_len + i).
-
-    None where the attention kernel needs none: a single query sees its whole cache, and SDPA
-    applies its own causal mask when there are as many queries as keys.
-    """
-    if q_len == 1 or (q_len == kv_len and adapter.attn_implementation == "sdpa"):
-        return None
+def additive_causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
+    """(1, 1, q, kv) additive mask, causal and aligned bottom-right (query i sees keys <= kv_len - q_len + i)."""
     allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
     mask = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def causal_mask(adapter: ModelAdapter, q_len: int, kv_len: int, dtype, device) -> torch.Tensor | None:
+    """The additive causal mask, or None where the attention kernel needs none: a single query sees
+    its whole cache, and SDPA applies its own causal mask when there are as many queries as keys."""
+    if q_len == 1 or (q_len == kv_len and adapter.attn_implementation == "sdpa"):
+        return None
+    return additive_causal_mask(q_len, kv_len, dtype, device)
 
 
 def attention_rows(layer, layer_input: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

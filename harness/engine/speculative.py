@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from harness.engine.generate import Record, causal_mask, run_layers, start_prompt, sync
+from harness.engine.generate import Record, additive_causal_mask, causal_mask, run_layers, start_prompt, sync
 from harness.models.adapter import ModelAdapter
 from methods.base import Method
 
@@ -66,16 +66,11 @@ def twig_step(adapter, twig, hidden: torch.Tensor, positions: torch.Tensor, cach
     cos, sin = adapter.rotary(hidden, positions[None])
     q = hidden.shape[1]
     past = cache.get_seq_length(0) if len(cache.layers) else 0
-    mask = None if q == 1 else _mask(q, past + q, hidden.dtype, hidden.device)
+    mask = None if q == 1 else additive_causal_mask(q, past + q, hidden.dtype, hidden.device)
     for layer in twig.layers:
         hidden = layer(hidden, attention_mask=mask, position_ids=positions[None],
                        position_embeddings=(cos, sin), cache=cache)
     return twig.logits(hidden[:, -1:])[0, -1]
-
-
-def _mask(q_len, kv_len, dtype, device):
-    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
-    return torch.zeros(q_len, kv_len, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def _crop(cache, layers, n: int) -> None:

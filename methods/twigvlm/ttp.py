@@ -41,11 +41,6 @@ def resolve_twig(path: str) -> Path:
     return p
 
 
-def causal(n: int, dtype, device) -> torch.Tensor:
-    m = torch.zeros(n, n, dtype=dtype, device=device)
-    return m.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=device).tril(), torch.finfo(dtype).min)[None, None]
-
-
 @register
 class TwigTTP(Method):
     name = "twigvlm"
@@ -66,6 +61,7 @@ class TwigTTP(Method):
         self.final_wipe_setting = final_wipe
         self.score_layer = score_layer
         self.twig = None
+        self._bound_to = None
         self.backbone_layers = None
 
     @classmethod
@@ -80,8 +76,6 @@ class TwigTTP(Method):
             self._bound_to = adapter.model
         self.T = self.twig.T
         self.backbone_layers = adapter.layers
-
-    _bound_to = None
 
     def configure(self, shape: ModelShape) -> None:
         super().configure(shape)
@@ -116,11 +110,11 @@ class TwigTTP(Method):
 
     def backbone_scores(self, ctx) -> torch.Tensor:
         """Ablation: backbone layer j's last-row attention, layers K..j run on everything."""
-        from harness.engine.generate import attention_rows
+        from harness.engine.generate import additive_causal_mask, attention_rows
 
         hidden, (cos, sin) = ctx.hidden, ctx.position_embeddings
         n = hidden.shape[1]
-        mask = causal(n, hidden.dtype, hidden.device)
+        mask = additive_causal_mask(n, n, hidden.dtype, hidden.device)
         scratch = DynamicCache()
         for j in range(self.K, self.score_layer + 1):
             layer_input = hidden
@@ -132,12 +126,12 @@ class TwigTTP(Method):
 
     def twig_prefill(self, ctx):
         """The twig over the output of layer K-1; returns (last twig layer's scores, cache, output)."""
-        from harness.engine.generate import attention_rows
+        from harness.engine.generate import additive_causal_mask, attention_rows
 
         hidden = ctx.hidden
         cos, sin = ctx.position_embeddings
         n = hidden.shape[1]
-        mask = causal(n, hidden.dtype, hidden.device)
+        mask = additive_causal_mask(n, n, hidden.dtype, hidden.device)
         cache = DynamicCache()
         for layer in self.twig.layers:
             layer_input = hidden
