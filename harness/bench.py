@@ -36,7 +36,8 @@ def analytic_bound(acceptance: float, delta: int, draft_layers: int, num_layers:
 
 
 def run(model: str = "embedded", twig: str = "embedded", samples: int = 12, max_new_tokens: int = 64,
-        delta: int = 5, theta: float = 0.6, budget: float = 0.889, threads: int | None = None) -> list[dict]:
+        delta: int = 5, theta: float = 0.6, budget: float = 0.889, threads: int | None = None,
+        final_wipe: int | None | str = "default") -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     adapter = load_model(model)
@@ -48,7 +49,8 @@ def run(model: str = "embedded", twig: str = "embedded", samples: int = 12, max_
         m.configure(shape)
         return m
 
-    ttp = method("twigvlm", budget, twig=twig)
+    wipe = {} if final_wipe == "default" else {"final_wipe": final_wipe}
+    ttp = method("twigvlm", budget, twig=twig, **wipe)
     rows = [("greedy", method("baseline"), False), ("SSD", method("baseline"), True),
             ("TTP+SSD", ttp, True), ("FastV", method("fastv", budget, K=1), False), ("TTP", ttp, False)]
     data = [syn.make_sample("test", i * len(syn.QUESTION_TYPES) + syn.QUESTION_TYPES.index("describe"))
@@ -94,7 +96,8 @@ def run(model: str = "embedded", twig: str = "embedded", samples: int = 12, max_
         print(f"{r['name']:10} {r['tokens_per_s']:9.1f} {r['ratio']:8.2f}x {r['target_forwards_per_token']:9.2f} "
               f"{acc:>7} {ln:>5} {bd:>6} {es:>7}")
     print(f"({samples} describe samples, up to {max_new_tokens} new tokens, budget {budget}, delta {delta}, "
-          f"theta {theta}, draft = {ttp.K} + {ttp.twig.T} of {adapter.num_layers} layers)")
+          f"theta {theta}, draft = {ttp.K} + {ttp.twig.T} of {adapter.num_layers} layers, "
+          f"TTP FinalWipe at {ttp.final_wipe})")
     return results
 
 
@@ -108,8 +111,12 @@ def main(argv=None):
     ap.add_argument("--theta", type=float, default=0.6)
     ap.add_argument("--budget", type=float, default=0.889)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--final-wipe", default="default",
+                    help="TTP's FinalWipe layer: a layer index, 'none', or 'default' (the method's own)")
     a = ap.parse_args(argv)
-    run(a.model, a.twig, a.samples, a.max_new_tokens, a.delta, a.theta, a.budget, a.threads)
+    wipe = a.final_wipe if a.final_wipe in ("default", "none") else int(a.final_wipe)
+    run(a.model, a.twig, a.samples, a.max_new_tokens, a.delta, a.theta, a.budget, a.threads,
+        None if wipe == "none" else wipe)
 
 
 if __name__ == "__main__":
