@@ -25,6 +25,12 @@ def main(argv=None) -> int:
     sw.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     sw.add_argument("--no-report", action="store_true")
     sw.add_argument("--report-dir", default=None, help="default: reports/out/")
+    sw.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: cells in this process; ray: each cell a Ray task")
+    sw.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start one here)")
+    sw.add_argument("--gpus-per-cell", type=float, default=None,
+                    help="Ray executor: GPUs per cell (default 1 where this machine has a GPU, else 0)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars")
     rp = sub.add_parser("report", help="write the report of an experiment's latest sweep from MLflow")
     rp.add_argument("experiment")
     rp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
@@ -40,24 +46,35 @@ def main(argv=None) -> int:
         except ExperimentError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"experiment {exp.name!r}: {len(exp.cells)} cells on {exp.model['path']} / "
-              f"{exp.dataset['name']}:{exp.dataset['split']}")
+        models = ", ".join(m["path"] for m in exp.models)
+        datasets = ", ".join(f"{d['name']}:{d['split']}" for d in exp.datasets)
+        print(f"experiment {exp.name!r}: {len(exp.cells)} cells on {models} / {datasets}")
         if args.dry_run:
             for c in exp.cells:
-                print(f"  {c.label}")
+                print(f"  {c.hash}  {c.label}")
             return 0
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        from harness.runner import run_experiment
+        from harness.runner import run_experiment, summary_table
         from reports.build import build_report
 
         t0 = time.perf_counter()
-        parent, results = run_experiment(exp, args.tracking_uri)
-        print(f"sweep finished in {time.perf_counter() - t0:.0f} s; MLflow parent run {parent} "
-              f"in {args.tracking_uri} (experiment {exp.name!r})")
+        options = {}
+        if args.executor == "ray":
+            options = {"address": args.ray_address, "gpus_per_cell": args.gpus_per_cell}
+        outcome = run_experiment(exp, args.tracking_uri, args.executor, progress=not args.no_progress, **options)
+        print(summary_table(exp, outcome))
+        print(f"sweep {'finished' if outcome.ok else 'ended with failures'} in {time.perf_counter() - t0:.0f} s: "
+              f"{len(outcome.ran)} cell(s) run, {len(outcome.skipped)} already finished, "
+              f"{len(outcome.failed)} failed; MLflow parent run {outcome.parent_id} in {args.tracking_uri} "
+              f"(experiment {exp.name!r})")
+        if not outcome.ok:
+            print(f"error: {len(outcome.failed)} cell(s) failed: {', '.join(outcome.failed)}; run the same "
+                  f"command again to retry them", file=sys.stderr)
+            return 1
         if not args.no_report:
-            path = build_report(exp.name, args.tracking_uri, parent, **_out(args))
+            path = build_report(exp.name, args.tracking_uri, outcome.parent_id, **_out(args))
             print(f"report: {path}")
         print("browse: make ui  (MLflow UI on http://127.0.0.1:5000)")
         return 0

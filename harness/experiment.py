@@ -1,22 +1,37 @@
 """Experiment files: load, validate and expand into cells, before anything runs.
 
-    experiment: default                 # MLflow experiment name
+    experiment: default                 # MLflow experiment name (one per study)
     model: {path: embedded, dtype: float32, attn_implementation: sdpa}
+    # or several:  models: [{path: embedded}, {path: /ckpt/llava-1.5-7b-hf, dtype: float16}]
     dataset: {name: shapes, split: test, samples_per_type: 50}
+    # or several:  datasets: [{split: val}, {split: test}]
     generation: {max_new_tokens: 64}
-    timing: {warmup: 3}
+    timing: {warmup: 3, repeats: 1}     # untimed warm-up samples; timed passes over the samples
     budgets: [0.667, 0.778, 0.889]      # pruning ratios (float) or retained tokens (int)
     methods:
       - name: baseline                  # budget-free methods run once
       - name: fastv
         settings: {K: 1}
         budgets: [0.5]                  # optional: overrides the sweep's budgets for this method
+      - name: twigvlm
+        grid: {twig: [twigs/K1-T2, twigs/K2-T2], score_layer: [null, 1]}   # swept settings
+        zip: [[twig, budget]]           # optional: axes that advance together instead of crossing
+    exclude:                            # optional: cells to leave out (every key must match)
+      - {method: twigvlm, score_layer: 1, budget: 0.889}
 
-Every problem (a bad key, value, method, setting, or an impossible budget for the model) raises
-ExperimentError with one line naming the value and what is allowed.
+The grid is models x datasets x (per method) budgets x grid settings; `zip` groups axes of one
+method (its grid settings and `budget`) that must have equal lengths. Every problem (a bad key,
+value, method, setting, combination, an exclusion that matches no cell, or an impossible budget
+for a model) raises ExperimentError with one line naming the value and what is allowed.
+
+A cell's identity is `Cell.hash`: a hash of its resolved configuration (model, dataset, method,
+settings, budget, decoding, generation, timing), which the runner uses to resume sweeps.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,16 +46,21 @@ class ExperimentError(ValueError):
     """An experiment file that cannot be run."""
 
 
+MODEL_DEFAULTS = {"path": "embedded", "dtype": "float32", "attn_implementation": "sdpa", "checkpoint": None}
+DATASET_DEFAULTS = {"name": "shapes", "split": "test", "samples_per_type": 50}
 SECTIONS = {
     "experiment": None,
-    "model": {"path": "embedded", "dtype": "float32", "attn_implementation": "sdpa"},
-    "dataset": {"name": "shapes", "split": "test", "samples_per_type": 50},
+    "model": MODEL_DEFAULTS,
+    "models": None,
+    "dataset": DATASET_DEFAULTS,
+    "datasets": None,
     "generation": {"max_new_tokens": 64},
-    "timing": {"warmup": 3},
+    "timing": {"warmup": 3, "repeats": 1},
     "budgets": [],
     "methods": None,
+    "exclude": None,
 }
-METHOD_KEYS = {"name", "settings", "budgets", "decoding"}
+METHOD_KEYS = {"name", "settings", "budgets", "decoding", "grid", "zip"}
 DECODING_KEYS = {"name", "twig", "delta", "theta"}
 
 
@@ -69,12 +89,21 @@ def parse_decoding(value, where: str) -> dict | None:
     return out
 
 
+def model_name(model: dict) -> str:
+    return model["path"] if model["path"] == "embedded" else Path(model["path"]).name or model["path"]
+
+
 @dataclass
 class Cell:
     method: str
     settings: dict
     budget: float | int | None
     decoding: dict | None = None  # None: greedy; {"name": "ssd", "twig", "delta", "theta"}
+    model: dict = field(default_factory=lambda: dict(MODEL_DEFAULTS))
+    dataset: dict = field(default_factory=lambda: dict(DATASET_DEFAULTS))
+    generation: dict = field(default_factory=lambda: dict(SECTIONS["generation"]))
+    timing: dict = field(default_factory=lambda: dict(SECTIONS["timing"]))
+    prefix: str = ""  # "model/dataset:split " when the sweep has several models or datasets
 
     @property
     def series(self) -> str:
@@ -94,7 +123,23 @@ class Cell:
     def label(self) -> str:
         b = "" if self.budget is None else f"@{self.budget}"
         extra = self.series[len(self.method):]
-        return f"{self.method}{b}{extra}"
+        return f"{self.prefix}{self.method}{b}{extra}"
+
+    @property
+    def group(self) -> tuple:
+        """Cells of one group share a model and a dataset, hence a baseline."""
+        return (json.dumps(self.model, sort_keys=True), json.dumps(self.dataset, sort_keys=True))
+
+    def config(self) -> dict:
+        """The resolved configuration: everything that decides the cell's results."""
+        return {"model": self.model, "dataset": self.dataset, "method": self.method,
+                "settings": self.settings, "budget": self.budget, "decoding": self.decoding,
+                "generation": self.generation, "timing": self.timing}
+
+    @property
+    def hash(self) -> str:
+        text = json.dumps(self.config(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def build(self):
         return build_method(self.method, self.budget, **self.settings)
@@ -103,26 +148,138 @@ class Cell:
 @dataclass
 class Experiment:
     name: str
-    model: dict
-    dataset: dict
+    models: list[dict]
+    datasets: list[dict]
     generation: dict
     timing: dict
     cells: list[Cell] = field(default_factory=list)
     source: str = ""
 
-    def shape(self) -> ModelShape:
-        return ModelShape(**read_shape(self.model["path"]))
+    @property
+    def model(self) -> dict:  # the first model (single-model experiments)
+        return self.models[0]
+
+    @property
+    def dataset(self) -> dict:
+        return self.datasets[0]
+
+    @property
+    def hash(self) -> str:
+        """Identity of the sweep: its cells' identities (order-free)."""
+        return hashlib.sha256(" ".join(sorted(c.hash for c in self.cells)).encode()).hexdigest()[:16]
 
 
-def _section(raw: dict, key: str, where: str) -> dict:
-    value = raw.get(key, {}) or {}
+def _mapping(value, defaults: dict, what: str, where: str) -> dict:
+    if value is None:
+        value = {}
     if not isinstance(value, dict):
-        raise ExperimentError(f"{where}: '{key}' must be a mapping, got {value!r}")
-    unknown = set(value) - set(SECTIONS[key])
+        raise ExperimentError(f"{where}: '{what}' must be a mapping, got {value!r}")
+    unknown = set(value) - set(defaults)
     if unknown:
-        raise ExperimentError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} in '{key}'; "
-                              f"allowed: {', '.join(SECTIONS[key])}")
-    return {**SECTIONS[key], **value}
+        raise ExperimentError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} in '{what}'; "
+                              f"allowed: {', '.join(defaults)}")
+    return {**defaults, **value}
+
+
+def _listed(raw: dict, one: str, many: str, defaults: dict, where: str) -> list[dict]:
+    if one in raw and many in raw:
+        raise ExperimentError(f"{where}: both '{one}' and '{many}' given; allowed: one of them")
+    if many in raw:
+        items = raw[many]
+        if not isinstance(items, list) or not items:
+            raise ExperimentError(f"{where}: '{many}' must be a non-empty list of mappings, got {items!r}")
+        out = [_mapping(x, defaults, f"{many}[{i}]", where) for i, x in enumerate(items)]
+    else:
+        out = [_mapping(raw.get(one), defaults, one, where)]
+    seen = [json.dumps(x, sort_keys=True) for x in out]
+    if len(set(seen)) < len(seen):
+        raise ExperimentError(f"{where}: '{many}' lists the same entry twice")
+    return out
+
+
+def _check_model(model: dict, where: str) -> None:
+    if not isinstance(model["path"], str) or not model["path"]:
+        raise ExperimentError(f"{where}: model path {model['path']!r}; allowed: 'embedded' or a local checkpoint")
+    if model["dtype"] not in DTYPES:
+        raise ExperimentError(f"{where}: model dtype {model['dtype']!r}; allowed: {', '.join(DTYPES)}")
+    if model["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
+        raise ExperimentError(f"{where}: attn_implementation {model['attn_implementation']!r}; "
+                              f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
+
+
+def _check_int(value, name: str, lo: int, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ExperimentError(f"{where}: {name} = {value!r}; allowed: an integer >= {lo}")
+
+
+def _method_cells(m, i: int, budgets: list, where: str) -> list[tuple[dict, object, dict | None]]:
+    """(settings, budget, decoding) of every cell one `methods` entry expands into."""
+    at = f"{where}: methods[{i}]"
+    if isinstance(m, str):
+        m = {"name": m}
+    if not isinstance(m, dict) or "name" not in m:
+        raise ExperimentError(f"{at} must be a mapping with a 'name', got {m!r}")
+    bad = set(m) - METHOD_KEYS
+    if bad:
+        raise ExperimentError(f"{at} has unknown key(s) {', '.join(sorted(bad))}; "
+                              f"allowed: {', '.join(sorted(METHOD_KEYS))}")
+    method = m["name"]
+    if method not in REGISTRY:
+        raise ExperimentError(f"{where}: unknown method {method!r}; allowed: {', '.join(sorted(REGISTRY))}")
+    settings = m.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ExperimentError(f"{at}.settings must be a mapping, got {settings!r}")
+    grid = m.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ExperimentError(f"{at}.grid must be a mapping of setting -> list of values, got {grid!r}")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise ExperimentError(f"{at}.grid.{k} must be a non-empty list of values, got {v!r}")
+        if k in settings:
+            raise ExperimentError(f"{at}: {k!r} is both in settings and in grid; allowed: one of them")
+        if k == "budget":
+            raise ExperimentError(f"{at}.grid: use 'budgets' for the budget axis")
+    decoding = parse_decoding(m.get("decoding"), at)
+    own = m.get("budgets", budgets)
+    if not isinstance(own, list):
+        raise ExperimentError(f"{at}.budgets must be a list, got {own!r}")
+    if REGISTRY[method].budgeted:
+        if not own:
+            raise ExperimentError(f"{where}: method {method!r} needs budgets (sweep 'budgets' or its own)")
+    else:
+        if "budgets" in m:
+            raise ExperimentError(f"{where}: method {method!r} takes no budget; remove its 'budgets'")
+        own = [None]
+    axes = {"budget": own, **grid}
+    groups = m.get("zip") or []
+    if not isinstance(groups, list) or not all(isinstance(g, list) and len(g) >= 2 for g in groups):
+        raise ExperimentError(f"{at}.zip must be a list of lists of at least two axis names, got {groups!r}")
+    zipped = [a for g in groups for a in g]
+    for a in zipped:
+        if a not in axes or (a == "budget" and own == [None]):
+            allowed = [x for x in axes if not (x == "budget" and own == [None])]
+            raise ExperimentError(f"{at}.zip names axis {a!r}; allowed: {', '.join(allowed) or 'none'}")
+        if zipped.count(a) > 1:
+            raise ExperimentError(f"{at}.zip names axis {a!r} twice; allowed: each axis in one group")
+    for g in groups:
+        lengths = {a: len(axes[a]) for a in g}
+        if len(set(lengths.values())) > 1:
+            raise ExperimentError(f"{at}.zip group {g} has unequal lengths {lengths}; allowed: equal lengths")
+    units = [[dict(zip(g, vals)) for vals in zip(*(axes[a] for a in g))] for g in groups]
+    units += [[{a: v} for v in axes[a]] for a in axes if a not in zipped]
+    out = []
+    for combo in itertools.product(*units):
+        point = {k: v for d in combo for k, v in d.items()}
+        budget = point.pop("budget")
+        out.append(({**settings, **point}, budget, decoding))
+    return out
+
+
+def _matches(cell: Cell, rule: dict) -> bool:
+    values = {"method": cell.method, "budget": cell.budget, "model": cell.model["path"],
+              "dataset": cell.dataset["name"], "split": cell.dataset["split"],
+              "decoding": (cell.decoding or {}).get("name", "greedy"), **cell.settings}
+    return all(k in values and values[k] == v for k, v in rule.items())
 
 
 def parse_experiment(raw, where: str = "experiment") -> Experiment:
@@ -135,22 +292,19 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     name = raw.get("experiment")
     if not isinstance(name, str) or not name.strip():
         raise ExperimentError(f"{where}: 'experiment' must be a non-empty name, got {name!r}")
-    model = _section(raw, "model", where)
-    dataset = _section(raw, "dataset", where)
-    generation = _section(raw, "generation", where)
-    timing = _section(raw, "timing", where)
-    if model["dtype"] not in DTYPES:
-        raise ExperimentError(f"{where}: model dtype {model['dtype']!r}; allowed: {', '.join(DTYPES)}")
-    if model["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
-        raise ExperimentError(f"{where}: attn_implementation {model['attn_implementation']!r}; "
-                              f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
-    if dataset["name"] not in DATASETS:
-        raise ExperimentError(f"{where}: unknown dataset {dataset['name']!r}; allowed: {', '.join(DATASETS)}")
-    for sec, key, lo in (("generation", "max_new_tokens", 1), ("timing", "warmup", 0),
-                         ("dataset", "samples_per_type", 1)):
-        v = {"generation": generation, "timing": timing, "dataset": dataset}[sec][key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ExperimentError(f"{where}: {sec}.{key} = {v!r}; allowed: an integer >= {lo}")
+    models = _listed(raw, "model", "models", MODEL_DEFAULTS, where)
+    datasets = _listed(raw, "dataset", "datasets", DATASET_DEFAULTS, where)
+    generation = _mapping(raw.get("generation"), SECTIONS["generation"], "generation", where)
+    timing = _mapping(raw.get("timing"), SECTIONS["timing"], "timing", where)
+    for model in models:
+        _check_model(model, where)
+    for d in datasets:
+        if d["name"] not in DATASETS:
+            raise ExperimentError(f"{where}: unknown dataset {d['name']!r}; allowed: {', '.join(DATASETS)}")
+        _check_int(d["samples_per_type"], "dataset.samples_per_type", 1, where)
+    _check_int(generation["max_new_tokens"], "generation.max_new_tokens", 1, where)
+    _check_int(timing["warmup"], "timing.warmup", 0, where)
+    _check_int(timing["repeats"], "timing.repeats", 1, where)
 
     budgets = raw.get("budgets", []) or []
     if not isinstance(budgets, list):
@@ -158,43 +312,39 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     methods = raw.get("methods")
     if not isinstance(methods, list) or not methods:
         raise ExperimentError(f"{where}: 'methods' must be a non-empty list of {{name, settings, budgets}}")
+    per_method = [(m if isinstance(m, str) else m.get("name") if isinstance(m, dict) else None,
+                   _method_cells(m, i, budgets, where)) for i, m in enumerate(methods)]
+    several = len(models) > 1 or len(datasets) > 1
+    names = [model_name(m) for m in models]
+    names = [n if names.count(n) == 1 else f"{n}[{m['dtype']},{m['attn_implementation']}]"
+             for n, m in zip(names, models)]
     cells = []
-    for i, m in enumerate(methods):
-        if isinstance(m, str):
-            m = {"name": m}
-        if not isinstance(m, dict) or "name" not in m:
-            raise ExperimentError(f"{where}: methods[{i}] must be a mapping with a 'name', got {m!r}")
-        bad = set(m) - METHOD_KEYS
-        if bad:
-            raise ExperimentError(f"{where}: methods[{i}] has unknown key(s) {', '.join(sorted(bad))}; "
-                                  f"allowed: {', '.join(sorted(METHOD_KEYS))}")
-        method = m["name"]
-        if method not in REGISTRY:
-            raise ExperimentError(f"{where}: unknown method {method!r}; allowed: {', '.join(sorted(REGISTRY))}")
-        settings = m.get("settings") or {}
-        if not isinstance(settings, dict):
-            raise ExperimentError(f"{where}: methods[{i}].settings must be a mapping, got {settings!r}")
-        decoding = parse_decoding(m.get("decoding"), f"{where}: methods[{i}]")
-        own = m.get("budgets", budgets)
-        if not isinstance(own, list):
-            raise ExperimentError(f"{where}: methods[{i}].budgets must be a list, got {own!r}")
-        if REGISTRY[method].budgeted:
-            if not own:
-                raise ExperimentError(f"{where}: method {method!r} needs budgets (sweep 'budgets' or its own)")
-            cells += [Cell(method, dict(settings), b, decoding) for b in own]
-        else:
-            if "budgets" in m:
-                raise ExperimentError(f"{where}: method {method!r} takes no budget; remove its 'budgets'")
-            cells.append(Cell(method, dict(settings), None, decoding))
+    for model, mname in zip(models, names):
+        for d in datasets:
+            prefix = f"{mname}/{d['name']}:{d['split']} " if several else ""
+            for method, variants in per_method:
+                cells += [Cell(method, s, b, dec, model, d, generation, timing, prefix) for s, b, dec in variants]
+
+    rules = raw.get("exclude") or []
+    if not isinstance(rules, list) or not all(isinstance(r, dict) and r for r in rules):
+        raise ExperimentError(f"{where}: 'exclude' must be a list of non-empty mappings, got {rules!r}")
+    for i, rule in enumerate(rules):
+        hit = [c for c in cells if _matches(c, rule)]
+        if not hit:
+            raise ExperimentError(f"{where}: exclude[{i}] {rule} matches no cell; allowed keys: method, "
+                                  f"budget, model, dataset, split, decoding, or a setting of the method")
+        cells = [c for c in cells if not _matches(c, rule)]
+    if not cells:
+        raise ExperimentError(f"{where}: the exclusions leave no cell to run")
     labels = [c.label for c in cells]
     dup = {l for l in labels if labels.count(l) > 1}
     if dup:
         raise ExperimentError(f"{where}: duplicate cell(s) {', '.join(sorted(dup))}")
-    return Experiment(name.strip(), model, dataset, generation, timing, cells)
+    return Experiment(name.strip(), models, datasets, generation, timing, cells)
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Parse and fully validate an experiment file (methods configured against the model's shape)."""
+    """Parse and fully validate an experiment file (methods configured against each model's shape)."""
     p = Path(path)
     if not p.is_file():
         raise ExperimentError(f"experiment file {str(p)!r} not found")
@@ -211,10 +361,12 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def validate(exp: Experiment, where: str = "experiment") -> None:
-    """Resolve the model's shape and configure every cell's method: impossible cells fail here."""
+    """Resolve every model's shape and configure every cell's method: impossible cells fail here."""
+    shapes = {}
     try:
-        shape = exp.shape()
+        for model in exp.models:
+            shapes[model["path"]] = ModelShape(**read_shape(model["path"], model.get("checkpoint")))
         for cell in exp.cells:
-            cell.build().configure(shape)
+            cell.build().configure(shapes[cell.model["path"]])
     except (MethodError, ModelError, DatasetError) as e:
-        raise ExperimentError(f"{where}: {e}") from None
+        raise ExperimentError(f"{where}: {cell.prefix if 'cell' in locals() else ''}{e}") from None

@@ -1,8 +1,22 @@
 """The one module that talks to MLflow: an experiment per study, a parent run per sweep, a child
-run per cell. Default store: sqlite:///mlflow.db in the working directory."""
+run per cell. Default store: sqlite:///mlflow.db in the working directory.
+
+Layout (names chosen for the UI's compare and chart views):
+- parent run "sweep-<name>-<sweep hash>", tag role=sweep, tag sweep_hash; params = the sweep's
+  shared settings; artifacts experiment.yaml (as written) and cells.json (every cell resolved).
+- child run per cell, named by the cell's label ("fastv@0.889[K=1]"), tags role=cell, method,
+  series, cell_hash, model, dataset; params = the cell's resolved config and the method's own
+  settings (method, budget_tokens, K, ...); metrics = accuracy, timing, proxies, relative figures;
+  artifact samples.jsonl (one record per sample). Group by params.method or tags.series, x = params.budget_tokens.
+- every run carries the environment tags: git commit, torch / transformers / harness versions,
+  device name.
+
+Resuming: a sweep is identified by its hash; running it again reopens the same parent, skips cells
+whose child run FINISHED, deletes stale children (FAILED, or RUNNING from a killed process) and
+runs those cells again, so that every cell ends with exactly one run.
+"""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -22,41 +36,139 @@ def _mlflow(tracking_uri: str):
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        return (out + ("-dirty" if dirty else "")) if out else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def environment_tags(device: str) -> dict:
+def harness_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("twigbench")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def device_name(device) -> str:
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.get_device_name(d)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment_tags(device) -> dict:
     import torch
     import transformers
 
     return {"git_commit": _git_commit(), "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__, "device": device}
+            "transformers_version": transformers.__version__, "harness_version": harness_version(),
+            "device": device_name(device)}
 
 
-@contextlib.contextmanager
-def sweep_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,
-              config_text: str):
-    """Parent run of a sweep; yields a function that logs one cell as a child run."""
-    mlflow = _mlflow(tracking_uri)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, tags={**tags, "role": "sweep"}) as parent:
-        mlflow.log_params(params)
-        mlflow.log_text(config_text, "experiment.yaml")
+def _write_artifact(mlflow, run_id: str, name: str, text: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_text(text)
+        mlflow.MlflowClient().log_artifact(run_id, str(path))
 
-        def log_cell(name: str, cell_params: dict, metrics: dict, records: list[dict]):
-            with mlflow.start_run(run_name=name, nested=True,
-                                  tags={**tags, "role": "cell", "method": cell_params["method"]}):
-                mlflow.log_params(cell_params)
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v == v})  # drop NaN
-                with tempfile.TemporaryDirectory() as d:
-                    path = Path(d) / "samples.jsonl"
-                    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-                    mlflow.log_artifact(str(path))
 
-        yield parent.info.run_id, log_cell
+def _param(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:6000]
+
+
+class SweepStore:
+    """The MLflow side of one sweep: its parent run and its children (see the module docstring)."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.mlflow = _mlflow(tracking_uri)
+        self.client = self.mlflow.MlflowClient()
+        self.uri = tracking_uri
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            self.client.restore_experiment(exp.experiment_id)
+        self.experiment_id = (exp.experiment_id if exp is not None
+                              else self.client.create_experiment(experiment))
+        self.parent_id: str | None = None
+
+    def open(self, sweep_hash: str, run_name: str, params: dict, tags: dict, config_text: str,
+             cells_json: str) -> bool:
+        """Reopen the sweep's parent run if it exists (returns True), else create it."""
+        found = self.client.search_runs([self.experiment_id], f"tags.sweep_hash = '{sweep_hash}' and "
+                                        f"tags.role = 'sweep'", order_by=["attributes.start_time ASC"])
+        if found:
+            self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+            for k, v in tags.items():  # the environment of the latest invocation
+                self.client.set_tag(self.parent_id, k, v)
+            return True
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={**tags, "role": "sweep", "sweep_hash": sweep_hash})
+        self.parent_id = run.info.run_id
+        for k, v in params.items():
+            self.client.log_param(self.parent_id, k, _param(v))
+        _write_artifact(self.mlflow, self.parent_id, "experiment.yaml", config_text)
+        _write_artifact(self.mlflow, self.parent_id, "cells.json", cells_json)
+        return False
+
+    def children(self) -> list:
+        return self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_id}'",
+                                       max_results=50000)
+
+    def finished_cells(self) -> dict[str, str]:
+        """cell hash -> run id of the FINISHED children; every other child (FAILED, or RUNNING
+        because its process was killed) is deleted so that its cell runs again."""
+        done = {}
+        for r in self.children():
+            h = r.data.tags.get("cell_hash")
+            if r.info.status == "FINISHED" and h and h not in done:
+                done[h] = r.info.run_id
+            else:
+                self.client.delete_run(r.info.run_id)
+        return done
+
+    def records(self, run_id: str) -> list[dict]:
+        with tempfile.TemporaryDirectory() as d:
+            local = self.mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples.jsonl",
+                                                             dst_path=d, tracking_uri=self.uri)
+            return [json.loads(line) for line in Path(local).read_text().splitlines() if line]
+
+    def metrics(self, run_id: str) -> dict:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def log_cell(self, name: str, tags: dict, params: dict, metrics: dict, records: list[dict]) -> str:
+        """One child run, FINISHED only once everything is logged (a kill leaves it RUNNING)."""
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**tags, "role": "cell", "mlflow.parentRunId": self.parent_id})
+        rid = run.info.run_id
+        from mlflow.entities import Metric, Param
+
+        import time
+        now = int(time.time() * 1000)
+        self.client.log_batch(rid, params=[Param(k, _param(v)) for k, v in params.items()],
+                              metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                       if isinstance(v, (int, float)) and v == v])  # drop NaN
+        _write_artifact(self.mlflow, rid, "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        self.client.set_terminated(rid, "FINISHED")
+        return rid
+
+    def log_failure(self, name: str, tags: dict, error: str) -> None:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**tags, "role": "cell", "error": error[:5000],
+                                           "mlflow.parentRunId": self.parent_id})
+        self.client.set_terminated(run.info.run_id, "FAILED")
+
+    def close(self, ok: bool) -> None:
+        self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
 
 
 def cell_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = None):
@@ -67,7 +179,7 @@ def cell_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
         raise ValueError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
     if parent_run_id is None:
         parents = mlflow.search_runs([exp.experiment_id], filter_string="tags.role = 'sweep' and "
-                                     "attributes.status = 'FINISHED'", order_by=["start_time DESC"],
+                                     "attributes.status = 'FINISHED'", order_by=["attributes.end_time DESC"],
                                      max_results=1)
         if parents.empty:
             raise ValueError(f"experiment {experiment!r} has no finished sweep in {tracking_uri}")

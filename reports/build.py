@@ -26,8 +26,15 @@ def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
         **{f"acc_{t}": col(f"metrics.accuracy_{t}") for t in TYPES},
         "prefill_ms": col("metrics.prefill_ms"),
         "prefill_speedup": col("metrics.prefill_speedup"),
-        "decode_tokens_per_s": col("metrics.decode_tokens_per_s"),
+        "prefill_speedup_ci_low": col("metrics.prefill_speedup_ci_low"),
+        "prefill_speedup_ci_high": col("metrics.prefill_speedup_ci_high"),
+        "decode_tokens_per_s": col("metrics.decode_tokens_per_s_pooled"),
         "decode_speedup": col("metrics.decode_speedup"),
+        "decode_speedup_ci_low": col("metrics.decode_speedup_ci_low"),
+        "decode_speedup_ci_high": col("metrics.decode_speedup_ci_high"),
+        "accuracy_diff_ci_low": col("metrics.accuracy_diff_ci_low"),
+        "accuracy_diff_ci_high": col("metrics.accuracy_diff_ci_high"),
+        "prefill_gflops": col("metrics.prefill_gflops"),
         "acceptance_rate": col("metrics.acceptance_rate"),
         "mean_accepted_length": col("metrics.mean_accepted_length"),
         "equal_token_average": col("metrics.equal_token_average"),
@@ -38,7 +45,7 @@ def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns="_order").reset_index(drop=True)
 
 
-def markdown(table: pd.DataFrame, title: str, meta: str) -> str:
+def markdown(table: pd.DataFrame, title: str, meta: str, figure: str = "accuracy_vs_budget.png") -> str:
     show = table.copy()
     for c in show.columns:
         if (c.startswith("acc") and c != "acceptance_rate") or c == "relative_accuracy":
@@ -46,7 +53,15 @@ def markdown(table: pd.DataFrame, title: str, meta: str) -> str:
     for c in ("prefill_ms", "decode_tokens_per_s", "equal_token_average", "official_equal_token_average"):
         show[c] = show[c].map(lambda v: "" if pd.isna(v) else f"{v:.1f}" if c != "prefill_ms" else f"{v:.2f}")
     for c in ("prefill_speedup", "decode_speedup"):
-        show[c] = show[c].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
+        show[c] = [("" if pd.isna(v) else f"{v:.2f}x" if pd.isna(lo) else f"{v:.2f}x [{lo:.2f}, {hi:.2f}]")
+                   for v, lo, hi in zip(table[c], table[c + "_ci_low"], table[c + "_ci_high"])]
+    show["diff_ci"] = [("" if pd.isna(lo) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]")
+                       for lo, hi in zip(table["accuracy_diff_ci_low"], table["accuracy_diff_ci_high"])]
+    show["prefill_gflops"] = show["prefill_gflops"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+    show = show.drop(columns=[c for c in show.columns if c.endswith(("_ci_low", "_ci_high"))])
+    order = list(show.columns)
+    order.insert(order.index("relative_accuracy") + 1, order.pop(order.index("diff_ci")))
+    show = show[order]
     show["acceptance_rate"] = show["acceptance_rate"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f}")
     show["mean_accepted_length"] = show["mean_accepted_length"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
     show = show.drop(columns=[c for c in ("acceptance_rate", "mean_accepted_length", "official_equal_token_average")
@@ -55,12 +70,14 @@ def markdown(table: pd.DataFrame, title: str, meta: str) -> str:
     header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
     rows = "".join("| " + " | ".join(map(str, r)) + " |\n" for r in show.itertuples(index=False))
     return (f"# {title}\n\n{meta}\n\n{conventions(table)}Accuracy in %, relative accuracy against the baseline cell of "
-            f"the same sweep; prefill is the median time of the LLM's prompt pass (pruning included, vision "
+            f"the same sweep, diff_ci the 95 % paired-bootstrap interval of the accuracy difference "
+            f"(points); speedups carry 95 % bootstrap intervals over samples and timing repeats; prefill is the median time of the LLM's prompt pass (pruning included, vision "
             f"encoding excluded; for SSD cells, the time to the first token); decode speedup is the "
             f"decode tokens/s against the baseline cell's; acceptance rate (%) and mean accepted length "
             f"(tokens per target forward) are SSD's; equal-token average is the "
-            f"visual tokens each backbone layer processed, averaged over layers (measured).\n\n{header}{rows}\n"
-            f"![accuracy vs budget](accuracy_vs_budget.png)\n")
+            f"visual tokens each backbone layer processed, averaged over layers (measured); prefill GFLOPs "
+            f"is analytic (decoder layers at the measured tokens, the twig's layers included).\n\n{header}{rows}\n"
+            f"![accuracy vs budget]({figure})\n")
 
 
 def conventions(table: pd.DataFrame) -> str:
@@ -107,14 +124,22 @@ def build_report(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, pare
     parent_run_id, runs = cell_runs(tracking_uri, experiment, parent_run_id)
     if runs.empty:
         raise ValueError(f"sweep {parent_run_id} of {experiment!r} has no cell runs")
-    table = cell_table(runs)
     d = Path(out_dir) / experiment
     d.mkdir(parents=True, exist_ok=True)
-    model = runs["params.model"].iloc[0] if "params.model" in runs else "?"
-    split = runs["params.split"].iloc[0] if "params.split" in runs else "?"
-    meta = (f"Model `{model}`, dataset `{runs['params.dataset'].iloc[0]}` ({split} split), "
-            f"MLflow sweep run `{parent_run_id}` in `{tracking_uri}`.")
-    plot(table, d / "accuracy_vs_budget.png")
-    (d / "report.md").write_text(markdown(table, f"Sweep report: {experiment}", meta))
-    table.to_csv(d / "cells.csv", index=False)
+    keys = [k for k in ("params.model", "params.dataset", "params.split") if k in runs]
+    groups = list(runs.groupby(keys, sort=False)) if keys else [((), runs)]
+    sections, tables = [], []
+    for i, (key, g) in enumerate(groups):
+        key = key if isinstance(key, tuple) else (key,)
+        model, dataset, split = (list(key) + ["?", "?", "?"])[:3]
+        table = cell_table(g)
+        figure = "accuracy_vs_budget.png" if len(groups) == 1 else f"accuracy_vs_budget_{i + 1}.png"
+        plot(table, d / figure)
+        meta = (f"Model `{model}`, dataset `{dataset}` ({split} split), MLflow sweep run `{parent_run_id}` "
+                f"in `{tracking_uri}`.")
+        title = f"Sweep report: {experiment}" + ("" if len(groups) == 1 else f" — {model} / {dataset}:{split}")
+        sections.append(markdown(table, title, meta, figure))
+        tables.append(table.assign(model=model, dataset=dataset, split=split))
+    (d / "report.md").write_text("\n".join(sections))
+    pd.concat(tables).to_csv(d / "cells.csv", index=False)
     return d / "report.md"

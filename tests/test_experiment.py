@@ -24,6 +24,44 @@ def test_good_file_expands_into_cells(tiny_llava_dir, tmp_path):
     assert [c.label for c in exp.cells] == ["baseline", "fastv@0.4[K=1]"]
 
 
+def test_grid_zip_exclude_and_several_models_expand_as_written(tiny_llava_dir, tmp_path):
+    raw = {"experiment": "t", "models": [{"path": tiny_llava_dir}, {"path": tiny_llava_dir, "dtype": "bfloat16"}],
+           "datasets": [{"split": "val", "samples_per_type": 1}, {"split": "test", "samples_per_type": 1}],
+           "budgets": [0.3, 0.4],
+           "methods": ["baseline",
+                       {"name": "fastv", "grid": {"K": [1, 2]}},  # 2 budgets x 2 K
+                       {"name": "random", "grid": {"K": [1, 2]}, "zip": [["K", "budget"]]}],  # 2 pairs
+           "exclude": [{"method": "fastv", "K": 2, "budget": 0.4}, {"split": "test", "method": "random"}]}
+    exp = load_experiment(write(tmp_path, yaml.safe_dump(raw)))
+    per_val = ["baseline", "fastv@0.3[K=1]", "fastv@0.3[K=2]", "fastv@0.4[K=1]", "random@0.3[K=1]", "random@0.4[K=2]"]
+    per_test = per_val[:4]
+    labels = [c.label for c in exp.cells]
+    assert len(labels) == 2 * (len(per_val) + len(per_test)) == len(set(labels))
+    for dtype in ("float32", "bfloat16"):
+        for split, expected in (("val", per_val), ("test", per_test)):
+            got = [c.label.split(" ", 1)[1] for c in exp.cells
+                   if c.model["dtype"] == dtype and c.dataset["split"] == split]
+            assert sorted(got) == sorted(expected)
+            assert all(f"[{dtype},sdpa]/shapes:{split} " in c.label for c in exp.cells
+                       if c.model["dtype"] == dtype and c.dataset["split"] == split)
+    # identity: the resolved config decides the hash; dtype and split are part of it
+    assert len({c.hash for c in exp.cells}) == len(exp.cells)
+    again = load_experiment(write(tmp_path, yaml.safe_dump(raw)))
+    assert [c.hash for c in again.cells] == [c.hash for c in exp.cells] and again.hash == exp.hash
+    raw["generation"] = {"max_new_tokens": 7}
+    changed = load_experiment(write(tmp_path, yaml.safe_dump(raw)))
+    assert not {c.hash for c in changed.cells} & {c.hash for c in exp.cells}
+
+
+def test_dry_run_lists_cells_with_their_hashes(tiny_llava_dir, tmp_path, capsys):
+    p = write(tmp_path, good(tiny_llava_dir))
+    assert main(["sweep", str(p), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    exp = load_experiment(p)
+    assert out[1:] == [f"  {c.hash}  {c.label}" for c in exp.cells]
+    assert not (tmp_path / "m.db").exists()
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda m: "experiment: [unclosed\n", "malformed YAML at line"),
     (lambda m: good(m, methods=[{"name": "fastvv"}]), "unknown method 'fastvv'; allowed:"),
@@ -41,6 +79,19 @@ def test_good_file_expands_into_cells(tiny_llava_dir, tmp_path):
      "twig '/no/twig' is not a directory"),
     (lambda m: good(m, methods=[{"name": "twigvlm", "settings": {"twig": "/no/twig"}}]),
      "twig '/no/twig' is not a directory"),
+    (lambda m: good(m, timing={"repeats": 0}), "timing.repeats = 0; allowed: an integer >= 1"),
+    (lambda m: good(m, methods=[{"name": "fastv", "grid": {"K": [1, 2]}, "budgets": [0.3, 0.4, 0.5],
+                                 "zip": [["K", "budget"]]}]), "unequal lengths"),
+    (lambda m: good(m, methods=[{"name": "fastv", "grid": {"K": [1, 2]}, "zip": [["K", "T"]]}]),
+     "zip names axis 'T'; allowed: budget, K"),
+    (lambda m: good(m, methods=[{"name": "fastv", "settings": {"K": 1}, "grid": {"K": [2]}}]),
+     "'K' is both in settings and in grid"),
+    (lambda m: good(m, methods=[{"name": "fastv", "grid": {"K": 2}}]), "grid.K must be a non-empty list"),
+    (lambda m: good(m, exclude=[{"method": "fastv", "budget": 0.9}]), r"exclude\[0\] .* matches no cell"),
+    (lambda m: good(m, exclude=[{"method": "fastv"}, {"method": "baseline"}]), "leave no cell"),
+    (lambda m: good(m, models=[{"path": m}]), "both 'model' and 'models' given"),
+    (lambda m: good(m, model={"path": "/ckpt/llava-1.5-7b-hf", "checkpoint": "llava-hf/llava-1.5-7b-hf"}),
+     "expects llava-hf/llava-1.5-7b-hf there"),
 ])
 def test_bad_files_fail_with_one_clear_line_and_create_no_run(tiny_llava_dir, tmp_path, capsys, mutate, message):
     p = write(tmp_path, mutate(tiny_llava_dir))
@@ -49,7 +100,7 @@ def test_bad_files_fail_with_one_clear_line_and_create_no_run(tiny_llava_dir, tm
     db = tmp_path / "mlflow.db"
     assert main(["sweep", str(p), "--tracking-uri", f"sqlite:///{db}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and message.split("'")[0].split(".*")[0] in err[0]
+    assert len(err) == 1 and err[0].startswith("error:") and message.split("'")[0].split(".*")[0].replace("\\", "") in err[0]
     assert not db.exists()
 
 

@@ -13,7 +13,7 @@ from harness.cli import main
 def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tmp_path, capsys):
     exp = {"experiment": "e2e", "model": {"path": tiny_llava_dir},
            "dataset": {"name": "shapes", "split": "val", "samples_per_type": 2},
-           "generation": {"max_new_tokens": 6}, "timing": {"warmup": 1}, "budgets": [0.4, 60],
+           "generation": {"max_new_tokens": 6}, "timing": {"warmup": 1, "repeats": 2}, "budgets": [0.4, 60],
            "methods": ["baseline", {"name": "fastv", "settings": {"K": 1}}, "random", "oracle", "sparsevlm",
                        "visionzip", "pool"]}
     p = tmp_path / "exp.yaml"
@@ -31,6 +31,16 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
     assert len(parents) == 1 and len(children) == 13  # baseline + 6 methods x 2 budgets
     assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
     assert (children["status"] == "FINISHED").all()
+    env = ("git_commit", "torch_version", "transformers_version", "harness_version", "device")
+    for tag in env + ("cell_hash", "series", "method", "model", "dataset", "decoding"):
+        assert children[f"tags.{tag}"].notna().all(), tag
+    for tag in env:
+        assert parents[f"tags.{tag}"].notna().all(), tag
+    assert children["tags.cell_hash"].nunique() == 13
+    art = mlflow.artifacts.download_artifacts(run_id=parents["run_id"].iloc[0], artifact_path="cells.json",
+                                              dst_path=str(tmp_path / "cells"))
+    cells = json.loads(open(art).read())
+    assert sorted(c["hash"] for c in cells) == sorted(children["tags.cell_hash"])
     base = children[children["params.method"] == "baseline"].iloc[0]
     assert base["metrics.agreement_with_baseline"] == 1.0  # relative accuracy is undefined at 0 % (random weights)
     assert base["metrics.equal_token_average"] == 144
@@ -43,14 +53,24 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
             assert abs(float(r["params.official_equal_token_average"]) - budget) <= 6 < measured - budget
         else:
             assert abs(measured - budget) <= 1
-        for key in ("params.dtype", "params.attn_implementation", "metrics.prefill_ms",
-                    "metrics.decode_tokens_per_s", "metrics.accuracy_describe"):
-            assert key in r.index and r[key] == r[key]
+        for key in ("params.dtype", "params.attn_implementation", "metrics.prefill_ms", "metrics.prefill_ms_spread",
+                    "metrics.decode_tokens_per_s_pooled", "metrics.decode_tokens_per_s_mean", "metrics.e2e_ms",
+                    "metrics.vision_ms", "metrics.select_ms", "metrics.ttft_ms", "metrics.peak_rss_mb",
+                    "metrics.prefill_gflops", "metrics.kv_cache_mb", "metrics.target_forwards_per_token",
+                    "metrics.accuracy_describe", "metrics.accuracy_diff", "metrics.agreement_with_baseline"):
+            assert key in r.index and r[key] == r[key], key
+        assert r["metrics.repeats"] == 2 and r["metrics.repeat_token_mismatches"] == 0
+        assert r["metrics.accuracy_diff_ci_low"] <= r["metrics.accuracy_diff"] <= r["metrics.accuracy_diff_ci_high"]
+        assert r["metrics.prefill_speedup_ci_low"] <= r["metrics.prefill_speedup_ci_high"]
+        # fewer tokens in the decoder: fewer analytic FLOPs and a smaller cache than the baseline's
+        assert r["metrics.prefill_gflops"] < base["metrics.prefill_gflops"]
+        assert r["metrics.kv_cache_mb"] < base["metrics.kv_cache_mb"]
     # per-sample records are an artifact of each child run
     local = mlflow.artifacts.download_artifacts(run_id=base["run_id"], artifact_path="samples.jsonl",
                                                 dst_path=str(tmp_path / "dl"))
     lines = [json.loads(x) for x in open(local)]
-    assert len(lines) == 12 and {"prediction", "score", "keep", "visual_per_layer"} <= set(lines[0])
+    assert len(lines) == 12 and {"prediction", "score", "keep", "visual_per_layer", "timings"} <= set(lines[0])
+    assert len(lines[0]["timings"]) == 2
 
     # keep and merge maps: VisionZip's happen before the LLM (-1), CLS is patch -1
     vz = children[(children["params.method"] == "visionzip") & (children["params.budget_tokens"] == "60")].iloc[0]

@@ -22,14 +22,30 @@ class ModelError(ValueError):
     """A model path, dtype or attention implementation the harness cannot use."""
 
 
-def resolve_model_path(path: str) -> Path:
-    """'embedded' names the model shipped with the project; anything else is a local directory."""
-    p = EMBEDDED_DIR if path == "embedded" else Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        raise ModelError(f"model path {path!r} is not a checkpoint directory with config.json "
-                         f"(allowed: 'embedded' or a local transformers checkpoint; nothing is "
-                         f"downloaded at run time)")
-    return p
+def resolve_model_path(path: str, checkpoint: str | None = None) -> Path:
+    """'embedded' names the model shipped with the project; a local directory is used as it is; a
+    hub id ("llava-hf/llava-1.5-7b-hf") is looked up in the local Hugging Face cache only.
+    `checkpoint` (the hub id an experiment expects at `path`) only improves the error message."""
+    if path == "embedded":
+        return EMBEDDED_DIR
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        return p
+    if not p.exists() and path.count("/") == 1 and not path.startswith((".", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            cached = Path(snapshot_download(path, local_files_only=True))
+            if (cached / "config.json").is_file():
+                return cached
+        except Exception:  # not in the cache (or no hub client): fall through to the error
+            pass
+    hint = (f"; this experiment expects {checkpoint} there: fetch it where there is internet "
+            f"(huggingface-cli download {checkpoint} --local-dir {path}) and copy it"
+            if checkpoint else "")
+    raise ModelError(f"model path {path!r} is not a checkpoint directory with config.json{hint} "
+                     f"(allowed: 'embedded', a local transformers checkpoint, or a hub id already in "
+                     f"the local cache; nothing is downloaded at run time)")
 
 
 def visual_token_count(image_size: int, patch_size: int, select_strategy: str) -> int:
@@ -37,9 +53,9 @@ def visual_token_count(image_size: int, patch_size: int, select_strategy: str) -
     return (image_size // patch_size) ** 2 + (0 if select_strategy == "default" else 1)
 
 
-def read_shape(path: str) -> dict:
+def read_shape(path: str, checkpoint: str | None = None) -> dict:
     """Layer count and visual-token count from config.json, without loading weights."""
-    cfg = json.loads((resolve_model_path(path) / "config.json").read_text())
+    cfg = json.loads((resolve_model_path(path, checkpoint) / "config.json").read_text())
     vision = cfg["vision_config"]
     return {"num_layers": cfg["text_config"]["num_hidden_layers"],
             "num_visual": visual_token_count(vision["image_size"], vision["patch_size"],
@@ -160,7 +176,7 @@ class ModelAdapter:
 
 
 def load_model(path: str = "embedded", dtype: str = "float32", attn_implementation: str = "sdpa",
-               device: str | None = None) -> ModelAdapter:
+               device: str | None = None, checkpoint: str | None = None) -> ModelAdapter:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     if dtype not in DTYPES:
@@ -168,7 +184,7 @@ def load_model(path: str = "embedded", dtype: str = "float32", attn_implementati
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ModelError(f"attention implementation {attn_implementation!r} is not supported; "
                          f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
-    p = resolve_model_path(path)
+    p = resolve_model_path(path, checkpoint)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LlavaForConditionalGeneration.from_pretrained(
         p, dtype=DTYPES[dtype], attn_implementation=attn_implementation).to(device).eval()

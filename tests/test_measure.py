@@ -1,0 +1,94 @@
+"""The measurement protocol's arithmetic: FLOPs against torch's own counter, KV bytes against a real
+cache, bootstrap intervals that cover what they should."""
+import numpy as np
+import pytest
+import torch
+
+from harness import measure
+
+
+def records(times, tokens, scores=None, key="prefill_ms"):
+    """Records with per-repeat timings (samples x repeats)."""
+    out = []
+    for i, (row, k) in enumerate(zip(times, tokens)):
+        out.append({"uid": f"s{i}", "score": 1.0 if scores is None else scores[i], "prediction": str(i),
+                    "decode_tokens": k,
+                    "timings": [{"vision_ms": 1.0, "select_ms": 0.0, "prefill_ms": t, "ttft_ms": t + 1.0,
+                                 "e2e_ms": t + 1.0 + 2 * t, "decode_ms": 2 * t} for t in row]})
+    return out
+
+
+def test_layer_flops_match_torch_flop_counter_on_a_real_decoder_layer(tiny_llava_dir):
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, attn_implementation="eager")
+    lm = model.model.language_model
+    s = measure.text_shape(model.config)
+    for n in (5, 40):
+        x = torch.randn(1, n, s["hidden"])
+        pos = torch.arange(n)[None]
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            lm.layers[0](x, attention_mask=None, position_ids=pos, position_embeddings=lm.rotary_emb(x, pos))
+        counted = fc.get_total_flops()
+        # torch counts the full n x n attention matmuls; ours counts the causal half (n (n + 1) / 2 pairs)
+        q = s["heads"] * s["head_dim"]
+        full_attention = 2 * 2 * q * n * n
+        assert measure.layer_flops(n, s) - 2 * q * n * (n + 1) == counted - full_attention
+
+
+def test_kv_cache_bytes_match_a_real_cache(tiny_llava_dir):
+    from transformers import DynamicCache, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
+    lm = model.model.language_model
+    s = measure.text_shape(model.config)
+    cache = DynamicCache()
+    n = 23
+    with torch.no_grad():
+        lm(inputs_embeds=torch.randn(1, n, s["hidden"]), cache=cache, use_cache=True)
+    real = sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in cache.layers) / 2 ** 20
+    # n tokens = 3 text + 20 visual in every layer
+    assert measure.kv_cache_mb([20.0] * len(lm.layers), 3, s, 4) == pytest.approx(real)
+
+
+def test_speedup_interval_covers_a_known_ratio_and_a_null_effect():
+    rng = np.random.default_rng(1)
+    base_t = rng.uniform(10, 20, (30, 1)) * rng.uniform(0.97, 1.03, (30, 3))  # samples differ, repeats jitter
+    fast_t = base_t / 2 * rng.uniform(0.95, 1.05, (30, 3))
+    base, fast = records(base_t, [10] * 30), records(fast_t, [10] * 30)
+    for key in ("prefill_ms", "decode"):
+        p, lo, hi = measure.speedup(fast, base, key)
+        assert lo < 2.0 < hi and 1.9 < p < 2.1 and hi - lo < 0.3
+    p, lo, hi = measure.speedup(base, base, "prefill_ms")
+    assert p == 1.0 and lo <= 1.0 <= hi
+    # samples are paired by uid, not by position
+    assert measure.speedup(fast[::-1], base, "prefill_ms")[0] == measure.speedup(fast, base, "prefill_ms")[0]
+
+
+def test_decode_speedup_is_a_ratio_of_pooled_tokens_per_second():
+    base = records([[10.0]] * 2, [10, 30])  # decode 20 ms each: 40 tokens / 40 ms
+    cell = records([[5.0], [20.0]], [10, 30])  # 10 ms and 40 ms: 40 tokens / 50 ms
+    p, _, _ = measure.speedup(cell, base, "decode")
+    assert p == pytest.approx((40 / 50) / (40 / 40))
+    m = measure.timing_metrics(cell)
+    assert m["decode_tokens_per_s_pooled"] == pytest.approx(40 / 0.050)
+    assert m["decode_tokens_per_s_mean"] == pytest.approx((10 / 0.010 + 30 / 0.040) / 2)
+
+
+def test_accuracy_difference_interval_is_paired():
+    base_scores = [1.0] * 20 + [0.0] * 20
+    cell_scores = [1.0] * 18 + [0.0] * 22  # loses exactly two samples, both right before
+    base = records([[1.0]] * 40, [1] * 40, base_scores)
+    cell = records([[1.0]] * 40, [1] * 40, cell_scores)
+    d, lo, hi = measure.accuracy_diff(cell, base)
+    assert d == pytest.approx(-0.05) and lo <= d <= hi <= 0.0
+    rel = measure.relative_metrics(cell, base)
+    assert rel["relative_accuracy"] == pytest.approx(0.9) and rel["agreement_with_baseline"] == 1.0
+
+
+def test_spread_is_the_range_over_repeats():
+    recs = records([[10.0, 12.0, 11.0], [10.0, 14.0, 11.0]], [1, 1])
+    m = measure.timing_metrics(recs)
+    assert m["repeats"] == 3
+    assert m["prefill_ms"] == 11.0 and m["prefill_ms_spread"] == pytest.approx(13.0 - 10.0)
