@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     sw.add_argument("--gpus-per-cell", type=float, default=None,
                     help="Ray executor: GPUs per cell (default 1 where this machine has a GPU, else 0)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sw.add_argument("--fresh", action="store_true",
+                    help="run every cell again under a new parent run (default: resume the last one)")
     rp = sub.add_parser("report", help="write the report of an experiment's latest sweep from MLflow")
     rp.add_argument("experiment")
     rp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
         options = {}
         if args.executor == "ray":
             options = {"address": args.ray_address, "gpus_per_cell": args.gpus_per_cell}
-        outcome = run_experiment(exp, args.tracking_uri, args.executor, progress=not args.no_progress, **options)
+        outcome = run_experiment(exp, args.tracking_uri, args.executor, progress=not args.no_progress,
+                                 fresh=args.fresh, **options)
         print(summary_table(exp, outcome))
         print(f"sweep {'finished' if outcome.ok else 'ended with failures'} in {time.perf_counter() - t0:.0f} s: "
               f"{len(outcome.ran)} cell(s) run, {len(outcome.skipped)} already finished, "

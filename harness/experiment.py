@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from harness.data import DATASETS, DatasetError
-from harness.models.adapter import ATTN_IMPLEMENTATIONS, DTYPES, ModelError, read_shape
+from harness.models.adapter import ATTN_IMPLEMENTATIONS, DTYPES, ModelError, read_shape, resolve_model_path
 from methods import REGISTRY, MethodError, ModelShape, build_method
 
 
@@ -298,6 +298,10 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     timing = _mapping(raw.get("timing"), SECTIONS["timing"], "timing", where)
     for model in models:
         _check_model(model, where)
+        try:  # a missing checkpoint is the first thing to say
+            resolve_model_path(model["path"], model["checkpoint"])
+        except ModelError as e:
+            raise ExperimentError(f"{where}: {e}") from None
     for d in datasets:
         if d["name"] not in DATASETS:
             raise ExperimentError(f"{where}: unknown dataset {d['name']!r}; allowed: {', '.join(DATASETS)}")

@@ -164,7 +164,8 @@ def aggregate(records: list[dict]) -> dict:
 def _bar(total: int, desc: str, enabled: bool, leave: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=leave, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=leave, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 # ---- executing cells ------------------------------------------------------------------------
@@ -289,14 +290,14 @@ def cell_tags(cell: Cell, env: dict) -> dict:
 
 
 def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, executor: str = "local",
-                   progress: bool = True, log=print, **executor_options) -> SweepOutcome:
+                   progress: bool = True, log=print, fresh: bool = False, **executor_options) -> SweepOutcome:
     store = SweepStore(tracking_uri, exp.name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment_tags(device)
     cells_json = json.dumps([{"label": c.label, "hash": c.hash, **c.config()} for c in exp.cells], indent=1,
                             default=str)
     resumed = store.open(exp.hash, f"sweep-{exp.name}-{exp.hash[:8]}", _sweep_params(exp), env, exp.source,
-                         cells_json)
+                         cells_json, fresh)
     done = store.finished_cells()
     todo = [c for c in exp.cells if c.hash not in done]
     skipped = [c.label for c in exp.cells if c.hash in done]

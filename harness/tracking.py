@@ -101,10 +101,12 @@ class SweepStore:
         self.parent_id: str | None = None
 
     def open(self, sweep_hash: str, run_name: str, params: dict, tags: dict, config_text: str,
-             cells_json: str) -> bool:
-        """Reopen the sweep's parent run if it exists (returns True), else create it."""
-        found = self.client.search_runs([self.experiment_id], f"tags.sweep_hash = '{sweep_hash}' and "
-                                        f"tags.role = 'sweep'", order_by=["attributes.start_time ASC"])
+             cells_json: str, fresh: bool = False) -> bool:
+        """Reopen the sweep's latest parent run if it exists (returns True), else create it;
+        `fresh` always creates a new one (the old runs stay as they are)."""
+        found = [] if fresh else self.client.search_runs(
+            [self.experiment_id], f"tags.sweep_hash = '{sweep_hash}' and tags.role = 'sweep'",
+            order_by=["attributes.start_time DESC"])
         if found:
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")

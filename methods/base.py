@@ -96,6 +96,7 @@ class LayerContext:
     sample: object = None  # the dataset sample (the oracle reads its patch annotations)
     positions: torch.Tensor | None = None  # (S,) position ids of the rows
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary (cos, sin) of the rows
+    grids: list[torch.Tensor] | None = None  # the visual tokens' spatial grids (ModelAdapter.grids)
 
     @property
     def text_after(self) -> torch.Tensor:
@@ -117,10 +118,12 @@ class Selection:
 
 @dataclass
 class TowerState:
-    """Vision-tower internals at the layer whose output the model feeds to the projector."""
-    hidden: torch.Tensor  # (N+1, Dv) that layer's output, CLS first
-    cls_attention: torch.Tensor  # (H, N+1) that layer's softmax attention of the CLS query, per head
-    keys: torch.Tensor  # (N+1, Dv/H) that layer's key vectors, averaged over heads
+    """Vision-tower internals at the layer whose output the model feeds to the projector, for each
+    of the P images the tower encodes for a sample (LLaVA: 1; LLaVA-NeXT: base + crops; video: frames)."""
+    hidden: torch.Tensor  # (P, N+1, Dv) that layer's output, CLS first
+    cls_attention: torch.Tensor  # (P, H, N+1) that layer's softmax attention of the CLS query, per head
+    keys: torch.Tensor  # (P, N+1, Dv/H) that layer's key vectors, averaged over heads
+    token_index: torch.Tensor  # (P, N+1) each tower token's index among the M visual tokens (-1: none)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class VisionContext:
     project: Callable[[torch.Tensor], torch.Tensor]  # (n, Dv) tower features -> (n, D) LLM tokens
     shape: ModelShape
     sample: object = None
+    grids: Callable[[], list[torch.Tensor]] | None = None  # the visual tokens' spatial grids
 
 
 @dataclass

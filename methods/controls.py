@@ -58,20 +58,26 @@ class Oracle(_FixedCount):
         if ctx.sample is None or not hasattr(ctx.sample, "patch_priority"):
             raise MethodError("oracle needs a dataset that annotates which patches each question is "
                               "about (the embedded 'shapes' benchmark does)")
-        score = torch.as_tensor(ctx.sample.patch_priority())
-        score = score[to_annotation_grid(ctx.shape.num_visual, score.numel())]
+        annotated = torch.as_tensor(ctx.sample.patch_priority(), dtype=torch.float)
+        grids = ctx.grids or [torch.arange(ctx.shape.num_visual).view(math.isqrt(ctx.shape.num_visual), -1)]
+        score = torch.full((ctx.shape.num_visual,), -1.0)  # tokens outside every grid: never first
+        for g in grids:
+            score[g.flatten()] = annotated[to_annotation_grid(g.shape, annotated.numel())]
         return top_k_indices(score[ctx.patch_ids.cpu()], self.keep_n)
 
 
-def to_annotation_grid(num_visual: int, num_annotated: int) -> torch.Tensor:
-    """For each of the model's visual tokens (a square grid, row-major), the annotated patch that
-    covers its centre, so a 12x12 annotation serves a 24x24 model (LLaVA-1.5 at 336 px) too."""
-    side, ann = math.isqrt(num_visual), math.isqrt(num_annotated)
-    if side * side != num_visual or ann * ann != num_annotated:
-        raise MethodError(f"oracle: needs square patch grids, got {num_visual} visual tokens and "
-                          f"{num_annotated} annotated patches")
-    centre = (torch.arange(side) * 2 + 1) * ann // (2 * side)
-    return (centre[:, None] * ann + centre[None, :]).flatten()
+def to_annotation_grid(grid: tuple[int, int] | int, num_annotated: int) -> torch.Tensor:
+    """For each token of a rows x cols grid covering the image (row-major), the annotated patch
+    that covers its centre, so a 12x12 annotation serves a 24x24 model (LLaVA-1.5 at 336 px), a
+    LLaVA-NeXT crop grid or a video frame too. An int is the token count of a square grid."""
+    rows, cols = (math.isqrt(grid), math.isqrt(grid)) if isinstance(grid, int) else tuple(grid)
+    ann = math.isqrt(num_annotated)
+    if rows * cols == 0 or ann * ann != num_annotated or (isinstance(grid, int) and rows * cols != grid):
+        raise MethodError(f"oracle: needs a square annotation and a grid of visual tokens, got {grid} "
+                          f"visual tokens and {num_annotated} annotated patches")
+    r = (torch.arange(rows) * 2 + 1) * ann // (2 * rows)
+    c = (torch.arange(cols) * 2 + 1) * ann // (2 * cols)
+    return (r[:, None] * ann + c[None, :]).flatten()
 
 
 @register

@@ -16,6 +16,12 @@ reproduces the official 54 + 10 for R = 64 and the common 108 + 20 and 162 + 30 
 and gives 14 + 2, 27 + 5 and 40 + 8 for 16, 32 and 48 tokens. `dominant` and `contextual` may be
 set explicitly instead. At R >= M there is nothing to compress and the model's own M tokens
 (without CLS) are used unchanged.
+
+Several tower images per sample (LLaVA-NeXT's base view + crops, Video-LLaVA's frames): each image
+is compressed on its own with an equal share of dominant and contextual tokens, and the LLM sees
+them image after image (dominant then contextual of each), without LLaVA-NeXT's newline tokens
+(the official VisionZip for LLaVA-NeXT also drops them; it re-sorts the crops' dominant tokens into
+the crop grid, which only changes their order).
 """
 from __future__ import annotations
 
@@ -63,28 +69,49 @@ class VisionZip(Method):
         if self.identity:
             return None
         tower = ctx.tower_state()
-        hidden, n = tower.hidden, tower.hidden.shape[0]  # n = patches + CLS
-        cls_attention = tower.cls_attention.sum(0)[1:]  # (patches,)
-        top = torch.topk(cls_attention, self.dominant - 1).indices + 1
+        p = tower.hidden.shape[0]
+        feats, ids, merged = [], [], {}
+        for i, (dom, ctxn) in enumerate(per_image_split(self.dominant, self.contextual, p)):
+            f, d, m = self.compress(tower.hidden[i], tower.cls_attention[i], tower.keys[i], tower.token_index[i],
+                                    dom, ctxn)
+            feats.append(f), ids.append(d), merged.update(m)
+        return Reduced(ctx.project(torch.cat(feats)), torch.cat(ids), merged)
+
+    @staticmethod
+    def compress(hidden, cls_attention, keys, index, dominant: int, contextual: int):
+        """One tower image: (tokens, their visual-token ids, merge map). `index` maps tower tokens
+        to visual-token ids (-1 for CLS where the model drops it)."""
+        n = hidden.shape[0]  # patches + CLS
+        top = torch.topk(cls_attention.sum(0)[1:], dominant - 1).indices + 1
         is_dominant = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         is_dominant[0] = True
         is_dominant[top] = True
         dominant_idx = is_dominant.nonzero().flatten()
         rest = (~is_dominant).nonzero().flatten()
-        tokens, ids, merged = [hidden[dominant_idx]], [dominant_idx - 1], {}
-        if self.contextual and len(rest):
-            step = max(1, len(rest) // self.contextual)
+        tokens, ids, merged = [hidden[dominant_idx]], [index[dominant_idx]], {}
+        if contextual and len(rest):
+            step = max(1, len(rest) // contextual)
             is_target = torch.zeros(len(rest), dtype=torch.bool, device=hidden.device)
-            is_target[torch.arange(0, len(rest), step, device=hidden.device)[: self.contextual]] = True
+            is_target[torch.arange(0, len(rest), step, device=hidden.device)[:contextual]] = True
             targets, others = rest[is_target], rest[~is_target]
-            keys = tower.keys / tower.keys.norm(dim=-1, keepdim=True)
-            owner = (keys[others] @ keys[targets].T).argmax(-1)  # (others,) -> target slot
+            k = keys / keys.norm(dim=-1, keepdim=True)
+            owner = (k[others] @ k[targets].T).argmax(-1)  # (others,) -> target slot
             sums = torch.zeros(len(targets), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             sums.index_add_(0, owner, hidden[others])
             counts = torch.bincount(owner, minlength=len(targets)).clamp(min=1).to(hidden.dtype)
             tokens.append(hidden[targets] + sums / counts[:, None])
-            ids.append(targets - 1)
+            ids.append(index[targets])
             for j, t in enumerate(targets.tolist()):
-                merged[t - 1] = [t - 1] + [o - 1 for o in others[owner == j].tolist()]
-        feats = ctx.project(torch.cat(tokens))
-        return Reduced(feats, torch.cat(ids), merged)
+                merged[int(index[t])] = [int(index[t])] + index[others[owner == j]].tolist()
+        return torch.cat(tokens), torch.cat(ids), merged
+
+
+def per_image_split(dominant: int, contextual: int, images: int) -> list[tuple[int, int]]:
+    """The budget over the tower's images (LLaVA-NeXT's base view and crops, video frames): equal
+    shares, the remainder to the first images; one image keeps the split as it is."""
+    out = []
+    for i in range(images):
+        d = dominant // images + (i < dominant % images)
+        c = contextual // images + (i < contextual % images)
+        out.append((max(1, d), c))
+    return out

@@ -125,3 +125,20 @@ def test_ssd_cells_run_and_report_acceptance(tiny_llava_dir, tmp_path):
         assert 0 <= spec.metrics["acceptance_rate"] <= 1 and spec.metrics["mean_accepted_length"] >= 1
         assert spec.metrics["target_forwards_per_token"] <= 1
     assert Cell("fastv", {"K": 1}, 0.5, ssd).label.startswith("fastv@0.5[K=1]+ssd[")
+
+
+@pytest.mark.parametrize("name,checkpoint", [("llava15_7b", "llava-hf/llava-1.5-7b-hf"),
+                                             ("llava_next_7b", "llava-hf/llava-v1.6-vicuna-7b-hf"),
+                                             ("ablation_7b", "llava-hf/llava-1.5-7b-hf")])
+def test_paper_gpu_settings_name_the_checkpoint_they_need(name, checkpoint):
+    """Without the checkpoint (as here: no /models), one line says which and how to fetch it."""
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parents[1] / "experiments" / "paper" / f"{name}.yaml"
+    with pytest.raises(ExperimentError, match=f"expects {checkpoint} there: fetch it"):
+        load_experiment(p)
+    raw = yaml.safe_load(p.read_text())  # and the rest of the file is a valid grid
+    raw["model"] = {"path": "embedded"}
+    from harness.experiment import parse_experiment
+    with pytest.raises(ExperimentError, match="twig '/models/twigs/"):
+        parse_experiment(raw, name)

@@ -100,7 +100,7 @@ def test_pool_averages_each_grid_cell(tiny_llava_dir, samples):
     feats = image_features(adapter, x)
     for budget, (h, w) in ((16, (4, 4)), (48, (6, 8)), (32, (4, 8))):
         method = configured(adapter, "pool", budget)
-        assert (method.grid, h * w) == ((h, w), budget)
+        assert (method.params()["grid"], h * w) == (f"{h}x{w}", budget)
         pre = prefill(adapter, x["input_ids"], x["pixel_values"], method)
         with torch.no_grad():
             ours = encode_vision(adapter, x["pixel_values"], method).features

@@ -73,6 +73,14 @@ def test_failed_and_stale_cells_run_again_finished_ones_are_kept(tiny_llava_dir,
     third = run_experiment(exp, uri, progress=False, log=lambda *_: None)
     assert third.ran == [] and exactly_once(uri, exp) == ids2
 
+    # --fresh: every cell again under a new parent; the old sweep is left as it was
+    fresh = run_experiment(exp, uri, progress=False, log=lambda *_: None, fresh=True)
+    assert fresh.parent_id != first.parent_id and len(fresh.ran) == len(exp.cells)
+    by_parent = {}
+    for r in children(uri, exp.name):
+        by_parent.setdefault(r.data.tags["mlflow.parentRunId"], set()).add(r.info.run_id)
+    assert by_parent[first.parent_id] == set(ids2.values()) and len(by_parent[fresh.parent_id]) == len(exp.cells)
+
 
 @pytest.mark.slow
 def test_killing_a_sweep_and_running_it_again_completes_every_cell_once(tiny_llava_dir, tmp_path):

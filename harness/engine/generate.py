@@ -111,7 +111,7 @@ def encode_vision(adapter: ModelAdapter, pixel_values: torch.Tensor, method: Met
 
     default = once("default", lambda: adapter.default_features(states))
     ctx = VisionContext(default, once("tower", lambda: adapter.tower_state(states)), adapter.project,
-                        ModelShape(adapter.num_layers, adapter.num_visual), sample)
+                        ModelShape(adapter.num_layers, adapter.num_visual), sample, adapter.grids)
     reduced = method.vision(ctx)
     if reduced is None:
         feats = default()
@@ -135,10 +135,11 @@ class Sequence:
     merged: dict = field(default_factory=dict)
     visual_per_layer: list = field(default_factory=list)
     select_s: float = 0.0
+    grids: list | None = None
 
     def context(self, layer_idx, attention) -> LayerContext:
         return LayerContext(layer_idx, self.hidden, self.visual_rows, self.patch_ids, attention, self.shape,
-                            self.sample, self.positions, (self.cos, self.sin))
+                            self.sample, self.positions, (self.cos, self.sin), self.grids)
 
 
 def embed_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, vis: Reduced, sample=None) -> Sequence:
@@ -159,7 +160,7 @@ def embed_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, vis: Reduced, s
     positions = torch.arange(hidden.shape[1], device=device)
     cos, sin = adapter.rotary(hidden, positions[None])
     seq = Sequence(hidden, positions, cos, sin, torch.arange(start, start + feats.shape[0], device=device),
-                   patch_ids, start, ModelShape(adapter.num_layers, m), sample)
+                   patch_ids, start, ModelShape(adapter.num_layers, m), sample, grids=adapter.grids())
     if feats.shape[0] != m or vis.merged:
         seq.keep[-1] = patch_ids.tolist()
     if vis.merged:

@@ -7,6 +7,7 @@ extending this file, not the engine.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +55,48 @@ def visual_token_count(image_size: int, patch_size: int, select_strategy: str) -
 
 
 def read_shape(path: str, checkpoint: str | None = None) -> dict:
-    """Layer count and visual-token count from config.json, without loading weights."""
-    cfg = json.loads((resolve_model_path(path, checkpoint) / "config.json").read_text())
+    """Layer count and visual-token count, without loading weights (LLaVA-NeXT and Video-LLaVA:
+    the processor's count for the embedded benchmark's image size)."""
+    p = resolve_model_path(path, checkpoint)
+    cfg = json.loads((p / "config.json").read_text())
+    family = family_of(cfg.get("model_type"))
     vision = cfg["vision_config"]
-    return {"num_layers": cfg["text_config"]["num_hidden_layers"],
-            "num_visual": visual_token_count(vision["image_size"], vision["patch_size"],
-                                             cfg.get("vision_feature_select_strategy", "default"))}
+    if family == "llava":
+        m = visual_token_count(vision["image_size"], vision["patch_size"],
+                               cfg.get("vision_feature_select_strategy", "default"))
+    else:
+        from transformers import AutoConfig
+
+        m = ADAPTERS[family].count_visual(load_processor(p, family), AutoConfig.from_pretrained(p))
+    return {"num_layers": cfg["text_config"]["num_hidden_layers"], "num_visual": m}
+
+
+FAMILIES = {"llava": "llava", "llava_next": "llava-next", "video_llava": "video-llava"}
+
+
+def family_of(model_type: str | None) -> str:
+    if model_type not in FAMILIES:
+        raise ModelError(f"model type {model_type!r} is not supported; allowed: {', '.join(FAMILIES)} "
+                         f"(LLaVA-1.5, LLaVA-NeXT, Video-LLaVA)")
+    return FAMILIES[model_type]
+
+
+def load_processor(path: Path, family: str):
+    if family == "video-llava":
+        from harness.models.families import VideoProcessor
+
+        return VideoProcessor.from_pretrained(path)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def _blank_image():
+    from PIL import Image
+
+    from harness.data.synthetic import IMAGE_SIZE
+
+    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
 
 
 @dataclass
@@ -83,14 +120,22 @@ class ModelAdapter:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    family = "llava"
+
     @property
     def num_visual(self) -> int:
-        cfg = self.model.config
-        return visual_token_count(cfg.vision_config.image_size, cfg.vision_config.patch_size,
-                                  cfg.vision_feature_select_strategy)
+        if not hasattr(self, "_num_visual"):
+            self._num_visual = self.count_visual(self.processor, self.model.config)
+        return self._num_visual
+
+    @staticmethod
+    def count_visual(processor, config) -> int:
+        return visual_token_count(config.vision_config.image_size, config.vision_config.patch_size,
+                                  config.vision_feature_select_strategy)
 
     @property
     def image_token_id(self) -> int:
+        """The placeholder token the visual tokens replace in the prompt."""
         return self.model.config.image_token_id
 
     @property
@@ -131,9 +176,12 @@ class ModelAdapter:
 
     # ---- vision tower, step by step (what vision-stage methods need) ----------------------
     @property
+    def tower(self):
+        return self.model.model.vision_tower
+
+    @property
     def vision_layers(self):
-        tower = self.model.model.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers
+        return getattr(self.tower, "vision_model", self.tower).encoder.layers
 
     @property
     def feature_layer(self) -> int:
@@ -143,41 +191,190 @@ class ModelAdapter:
             raise ModelError(f"vision_feature_layer {f!r}: only a single feature layer is supported")
         return f - 1 if f >= 0 else len(self.vision_layers) + f
 
-    def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The tower's hidden states: entry i is the input of layer i (entry 0: the embeddings)."""
-        return self.model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    def tower_images(self, pixel_values) -> torch.Tensor:
+        """(P, 3, H, W): every image the tower encodes for one sample (LLaVA: 1)."""
+        return pixel_values
+
+    def vision_hidden_states(self, pixel_values) -> tuple[torch.Tensor, ...]:
+        """The tower's hidden states, (P, N+1, Dv) each: entry i is the input of layer i."""
+        return self.tower(self.tower_images(pixel_values), output_hidden_states=True).hidden_states
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
 
     def default_features(self, hidden_states) -> torch.Tensor:
-        """(M, D) visual tokens of the first image: feature layer, CLS dropped by "default", projected."""
+        """(M, D) visual tokens of the sample: feature layer, CLS dropped by "default", projected."""
         feats = hidden_states[self.feature_layer + 1][0]
         if self.model.config.vision_feature_select_strategy == "default":
             feats = feats[1:]
         return self.project(feats)
 
+    def token_index(self, n_tower_tokens: int) -> torch.Tensor:
+        """(P, N+1): for every tower token (CLS first) its index among the M visual tokens the
+        model feeds the LLM, -1 where it feeds none (CLS dropped, padding removed)."""
+        if self.model.config.vision_feature_select_strategy == "default":
+            return torch.arange(-1, n_tower_tokens - 1)[None]
+        return torch.arange(n_tower_tokens)[None]
+
+    def grids(self) -> list[torch.Tensor]:
+        """The spatial grids of the M visual tokens: (rows, cols) tensors of token indices, each
+        covering the whole image (tokens outside every grid, e.g. newlines or CLS, are not spatial)."""
+        side = math.isqrt(self.num_visual)
+        return [torch.arange(side * side).view(side, side)]
+
     def tower_state(self, hidden_states):
-        """The feature layer's output, CLS-query attention per head, and head-averaged keys,
-        computed from its own layer norm and q/k projections (no eager attention needed)."""
+        """The feature layer's output, CLS-query attention per head, and head-averaged keys, for
+        every tower image, computed from its own layer norm and q/k projections (no eager attention)."""
         from methods.base import TowerState
 
         i = self.feature_layer
         attn = self.vision_layers[i].self_attn
-        x = self.vision_layers[i].layer_norm1(hidden_states[i][0])  # (N+1, Dv)
+        x = self.vision_layers[i].layer_norm1(hidden_states[i])  # (P, N+1, Dv)
+        p, n = x.shape[:2]
         heads, d = attn.num_heads, attn.head_dim
-        q = attn.q_proj(x[:1]).view(1, heads, d).transpose(0, 1)  # (H, 1, d)
-        k = attn.k_proj(x).view(-1, heads, d).transpose(0, 1)  # (H, N+1, d)
-        cls = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)[:, 0]  # (H, N+1)
-        return TowerState(hidden=hidden_states[i + 1][0], cls_attention=cls, keys=k.mean(0))
+        q = attn.q_proj(x[:, :1]).view(p, 1, heads, d).transpose(1, 2)  # (P, H, 1, d)
+        k = attn.k_proj(x).view(p, n, heads, d).transpose(1, 2)  # (P, H, N+1, d)
+        cls = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)[:, :, 0]  # (P, H, N+1)
+        return TowerState(hidden=hidden_states[i + 1], cls_attention=cls, keys=k.mean(1),
+                          token_index=self.token_index(n).to(x.device))
 
     def decode(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
+@dataclass
+class VisualInput:
+    """Pixels plus what a family needs beside them (LLaVA-NeXT: the image sizes)."""
+    pixel_values: torch.Tensor
+    image_sizes: torch.Tensor | None = None
+
+
+class LlavaNextAdapter(ModelAdapter):
+    """LLaVA-NeXT (anyres): a base view and the crops of the best grid pinpoint go through the
+    tower; the model packs them as base tokens, then the unpadded crop grid with a newline token
+    after each row. Its own `pack_image_features` does the packing, here too."""
+    family = "llava-next"
+
+    @staticmethod
+    def count_visual(processor, config) -> int:
+        x = processor(images=_blank_image(), text="<image>", return_tensors="pt")
+        return int((x["input_ids"] == config.image_token_id).sum())
+
+    def inputs(self, image, question: str) -> dict:
+        x = self.processor(images=image, text=self.prompt(question), return_tensors="pt")
+        return {"input_ids": x["input_ids"].to(self.device),
+                "pixel_values": VisualInput(x["pixel_values"].to(self.device, self.model.dtype),
+                                            x["image_sizes"].to(self.device))}
+
+    def _crops(self, image_sizes) -> int:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        return image_size_to_num_patches(image_sizes[0], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+    def tower_images(self, pixel_values: VisualInput) -> torch.Tensor:
+        return pixel_values.pixel_values[0][: self._crops(pixel_values.image_sizes)]
+
+    def vision_hidden_states(self, pixel_values: VisualInput):
+        self._image_sizes = pixel_values.image_sizes  # the packing below needs them
+        return super().vision_hidden_states(pixel_values)
+
+    def _pack(self, per_image: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+        packed, _ = self.model.model.pack_image_features([per_image], self._image_sizes,
+                                                         self.model.config.vision_feature_select_strategy,
+                                                         image_newline=newline)
+        return packed[0]
+
+    def default_features(self, hidden_states) -> torch.Tensor:
+        feats = hidden_states[self.feature_layer + 1]
+        if self.model.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return self._pack(self.project(feats), self.model.model.image_newline)
+
+    def _packed_ids(self, p: int, n: int) -> torch.Tensor:
+        """Which tower token (p * n + j) each packed position holds; -1: a newline."""
+        ids = torch.arange(p * n, dtype=torch.float64).view(p, n, 1)
+        return self._pack(ids, torch.tensor([-1.0], dtype=torch.float64))[:, 0].round().long()
+
+    def token_index(self, n_tower_tokens: int) -> torch.Tensor:
+        p = self._crops(self._image_sizes)
+        cls = self.model.config.vision_feature_select_strategy == "default"
+        n = n_tower_tokens - cls
+        packed = self._packed_ids(p, n)
+        index = torch.full((p * n,), -1, dtype=torch.long)
+        where = (packed >= 0).nonzero().flatten()
+        index[packed[where]] = where
+        index = index.view(p, n)
+        return torch.cat([torch.full((p, 1), -1), index], 1) if cls else index
+
+    def grids(self) -> list[torch.Tensor]:
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        base = torch.arange(side * side).view(side, side)
+        rest = self.num_visual - side * side
+        if rest == 0:
+            return [base]
+        sizes = getattr(self, "_image_sizes", None)
+        if sizes is None:  # no sample seen yet: the layout of the benchmark's image size
+            self._image_sizes = self.processor(images=_blank_image(), text="<image>",
+                                               return_tensors="pt")["image_sizes"].to(self.device)
+        packed = self._packed_ids(self._crops(self._image_sizes), side * side)[side * side:]
+        rows = int((packed < 0).sum())
+        return [base, (side * side + torch.arange(rest).view(rows, rest // rows))[:, :-1]]
+
+
+class VideoLlavaAdapter(ModelAdapter):
+    """Video-LLaVA: the frames of a video through the video tower, every frame's tokens with CLS
+    (Video-LLaVA keeps it for video), in frame order. On the embedded benchmark the image is shown
+    as a still video of `config.num_frames` frames (default 8)."""
+    family = "video-llava"
+
+    @staticmethod
+    def count_visual(processor, config) -> int:
+        v = config.vision_config
+        return getattr(config, "num_frames", 8) * ((v.image_size // v.patch_size) ** 2 + 1)
+
+    @property
+    def frames(self) -> int:
+        return getattr(self.model.config, "num_frames", 8)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    @property
+    def tower(self):
+        return self.model.model.video_tower
+
+    def prompt(self, question: str) -> str:
+        return f"USER: <video>\n{question} ASSISTANT:"
+
+    def inputs(self, image, question: str) -> dict:
+        frames = image if isinstance(image, list) else [image] * self.frames
+        x = self.processor(frames, self.prompt(question), self.num_visual // self.frames)
+        return {"input_ids": x["input_ids"].to(self.device),
+                "pixel_values": VisualInput(x["pixel_values_videos"].to(self.device, self.model.dtype))}
+
+    def tower_images(self, pixel_values: VisualInput) -> torch.Tensor:
+        return pixel_values.pixel_values[0]
+
+    def default_features(self, hidden_states) -> torch.Tensor:
+        return self.project(hidden_states[self.feature_layer + 1]).flatten(0, 1)
+
+    def token_index(self, n_tower_tokens: int) -> torch.Tensor:
+        return torch.arange(self.frames * n_tower_tokens).view(self.frames, n_tower_tokens)
+
+    def grids(self) -> list[torch.Tensor]:
+        per = self.num_visual // self.frames
+        side = math.isqrt(per - 1)
+        return [f * per + 1 + torch.arange(side * side).view(side, side) for f in range(self.frames)]
+
+
+ADAPTERS = {"llava": ModelAdapter, "llava-next": LlavaNextAdapter, "video-llava": VideoLlavaAdapter}
+
+
 def load_model(path: str = "embedded", dtype: str = "float32", attn_implementation: str = "sdpa",
                device: str | None = None, checkpoint: str | None = None) -> ModelAdapter:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
 
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
@@ -185,8 +382,10 @@ def load_model(path: str = "embedded", dtype: str = "float32", attn_implementati
         raise ModelError(f"attention implementation {attn_implementation!r} is not supported; "
                          f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
     p = resolve_model_path(path, checkpoint)
+    family = family_of(json.loads((p / "config.json").read_text()).get("model_type"))
+    cls = {"llava": "LlavaForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration",
+           "video-llava": "VideoLlavaForConditionalGeneration"}[family]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = getattr(transformers, cls).from_pretrained(
         p, dtype=DTYPES[dtype], attn_implementation=attn_implementation).to(device).eval()
-    processor = AutoProcessor.from_pretrained(p)
-    return ModelAdapter(model, processor, path, dtype, attn_implementation)
+    return ADAPTERS[family](model, load_processor(p, family), path, dtype, attn_implementation)
