@@ -2,7 +2,8 @@
 
     python -m harness.bench [--samples 12] [--max-new-tokens 64] [--twig embedded]
 
-Prints, from one process on the same samples: tokens/s of greedy, SSD, TTP+SSD, FastV and TTP
+Prints, from one process on the same samples (rows interleaved, median of --repeats passes):
+tokens/s of greedy, SSD, TTP+SSD, FastV and TTP
 (greedy), their ratio to greedy, SSD's mean accepted length and acceptance rate, and the analytic
 speedup bound for the measured acceptance. Timings are clock measurements of this machine; the
 counters (target forwards per token, accepted length) do not depend on the clock.
@@ -37,7 +38,7 @@ def analytic_bound(acceptance: float, delta: int, draft_layers: int, num_layers:
 
 def run(model: str = "embedded", twig: str = "embedded", samples: int = 12, max_new_tokens: int = 64,
         delta: int = 5, theta: float = 0.6, budget: float = 0.889, threads: int | None = None,
-        final_wipe: int | None | str = "default") -> list[dict]:
+        final_wipe: int | None | str = "default", repeats: int = 3) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     adapter = load_model(model)
@@ -58,29 +59,36 @@ def run(model: str = "embedded", twig: str = "embedded", samples: int = 12, max_
     inputs = [adapter.inputs(s.image, s.question) for s in data]
     for x in inputs[:2]:  # warm-up
         generate(adapter, x["input_ids"], x["pixel_values"], rows[0][1], 8)
-    results = []
-    for name, m, ssd in rows:
-        tokens, seconds, drafted, accepted, rounds, forwards = 0, 0.0, 0, 0, 0, 0
-        for s, x in zip(data, inputs):
-            t0 = time.perf_counter()
-            if ssd:
-                rec, st = speculative_generate(adapter, x["input_ids"], x["pixel_values"], m, ttp.twig,
-                                               max_new_tokens, delta, theta, sample=s)
-                drafted, accepted, rounds = drafted + st.drafted, accepted + st.accepted, rounds + len(st.rounds)
-                forwards += st.target_forwards
-            else:
-                rec = generate(adapter, x["input_ids"], x["pixel_values"], m, max_new_tokens, sample=s)
-                forwards += len(rec.tokens)
-            seconds += time.perf_counter() - t0
-            tokens += len(rec.tokens)
-        results.append({"name": name, "tokens_per_s": tokens / seconds, "tokens": tokens,
-                        "target_forwards_per_token": forwards / tokens,
-                        "acceptance": accepted / drafted if drafted else None,
-                        "mean_accepted_length": tokens / rounds if rounds else None,
-                        "drafts_per_round": drafted / rounds if rounds else None})
+    results = {name: {"name": name, "rates": []} for name, _, _ in rows}
+    for _ in range(repeats):  # rows interleaved per repeat, so that drift of the machine hits all alike
+        for name, m, ssd in rows:
+            tokens, seconds, drafted, accepted, rounds, forwards = 0, 0.0, 0, 0, 0, 0
+            for s, x in zip(data, inputs):
+                t0 = time.perf_counter()
+                if ssd:
+                    rec, st = speculative_generate(adapter, x["input_ids"], x["pixel_values"], m, ttp.twig,
+                                                   max_new_tokens, delta, theta, sample=s)
+                    drafted, accepted, rounds = drafted + st.drafted, accepted + st.accepted, rounds + len(st.rounds)
+                    forwards += st.target_forwards
+                else:
+                    rec = generate(adapter, x["input_ids"], x["pixel_values"], m, max_new_tokens, sample=s)
+                    forwards += len(rec.tokens)
+                seconds += time.perf_counter() - t0
+                tokens += len(rec.tokens)
+            r = results[name]
+            r["rates"].append(tokens / seconds)
+            r.update({"tokens": tokens, "target_forwards_per_token": forwards / tokens,
+                      "acceptance": accepted / drafted if drafted else None,
+                      "mean_accepted_length": tokens / rounds if rounds else None,
+                      "drafts_per_round": drafted / rounds if rounds else None})
+    results = list(results.values())
+    for r in results:
+        r["tokens_per_s"] = statistics.median(r["rates"])
+        r["spread"] = max(r["rates"]) - min(r["rates"])
     base = results[0]["tokens_per_s"]
     draft_layers = ttp.K + ttp.twig.T
-    print(f"{'':10} {'tokens/s':>9} {'vs greedy':>9} {'fwd/token':>9} {'accept':>7} {'len':>5} {'bound':>6} {'layers':>7}")
+    print(f"{'':10} {'tokens/s':>9} {'+-':>5} {'vs greedy':>9} {'fwd/token':>9} {'accept':>7} {'len':>5} {'bound':>6} "
+          f"{'layers':>7}")
     for r in results:
         r["ratio"] = r["tokens_per_s"] / base
         bound = analytic_bound(r["acceptance"], delta, draft_layers, adapter.num_layers) if r["acceptance"] is not None else None
@@ -93,9 +101,11 @@ def run(model: str = "embedded", twig: str = "embedded", samples: int = 12, max_
                r["mean_accepted_length"] / (1 + r["drafts_per_round"] * draft_layers / adapter.num_layers))
         r["layer_estimate"] = est
         es = "" if est is None else f"{est:.2f}x"
-        print(f"{r['name']:10} {r['tokens_per_s']:9.1f} {r['ratio']:8.2f}x {r['target_forwards_per_token']:9.2f} "
+        print(f"{r['name']:10} {r['tokens_per_s']:9.1f} {r['spread'] / 2:5.1f} {r['ratio']:8.2f}x "
+              f"{r['target_forwards_per_token']:9.2f} "
               f"{acc:>7} {ln:>5} {bd:>6} {es:>7}")
-    print(f"({samples} describe samples, up to {max_new_tokens} new tokens, budget {budget}, delta {delta}, "
+    print(f"(median of {repeats} interleaved repeats, +- half their range; "
+          f"{samples} describe samples, up to {max_new_tokens} new tokens, budget {budget}, delta {delta}, "
           f"theta {theta}, draft = {ttp.K} + {ttp.twig.T} of {adapter.num_layers} layers, "
           f"TTP FinalWipe at {ttp.final_wipe})")
     return results
@@ -111,12 +121,13 @@ def main(argv=None):
     ap.add_argument("--theta", type=float, default=0.6)
     ap.add_argument("--budget", type=float, default=0.889)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median reported)")
     ap.add_argument("--final-wipe", default="default",
                     help="TTP's FinalWipe layer: a layer index, 'none', or 'default' (the method's own)")
     a = ap.parse_args(argv)
     wipe = a.final_wipe if a.final_wipe in ("default", "none") else int(a.final_wipe)
     run(a.model, a.twig, a.samples, a.max_new_tokens, a.delta, a.theta, a.budget, a.threads,
-        None if wipe == "none" else wipe)
+        None if wipe == "none" else wipe, a.repeats)
 
 
 if __name__ == "__main__":

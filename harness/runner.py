@@ -13,6 +13,7 @@ so that every result lands in the one tracking store the driver points at.
 from __future__ import annotations
 
 import json
+import re
 import resource
 import statistics
 import sys
@@ -97,7 +98,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     if adapter.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(adapter.device)
     records, mismatches = [], 0
-    bar = _bar(len(samples) * repeats, cell.label, progress, leave=False)
+    bar = _bar(len(samples) * repeats, cell.label, progress, leave=False, position=1)
     for s, x in zip(samples, inputs):
         timings, first = [], None
         for _ in range(repeats):
@@ -161,11 +162,11 @@ def aggregate(records: list[dict]) -> dict:
     return m
 
 
-def _bar(total: int, desc: str, enabled: bool, leave: bool = True):
+def _bar(total: int, desc: str, enabled: bool, leave: bool = True, position: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=leave, file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30)
+                position=position, mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 # ---- executing cells ------------------------------------------------------------------------
@@ -210,9 +211,9 @@ def _is_reference(cell: Cell) -> bool:
     return cell.method == "baseline" and not cell.decoding
 
 
-def local_executor(cells: list[Cell], progress: bool = True):
+def local_executor(cells: list[Cell], progress: bool = True, ws: Workspace | None = None):
     """Yields (cell, CellResult or the error text) in order."""
-    ws = Workspace()
+    ws = ws or Workspace()
     for cell in _order(cells):
         try:
             yield cell, ws.run(cell, progress)
@@ -270,6 +271,7 @@ class SweepOutcome:
     skipped: list[str]  # already FINISHED
     failed: dict  # label -> error
     metrics: dict  # label -> metrics (every finished cell)
+    drift: dict = None  # baseline label -> {prefill, decode}: closing pass / first pass
 
     @property
     def ok(self) -> bool:
@@ -325,8 +327,11 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, ex
         log(f"[{len(outcome.ran) + len(outcome.failed)}/{len(todo)}] {res.cell.label:<30} acc {m['accuracy']:.3f}  "
             f"prefill {m['prefill_ms']:.2f} ms{speed}  eq-tokens {m['equal_token_average']:.1f}")
 
-    runner = local_executor(todo, progress) if executor == "local" else ray_executor(todo, **executor_options)
-    bar = _bar(len(todo), f"sweep {exp.name}", progress and executor != "local")
+    ws = Workspace()
+    runner = local_executor(todo, progress, ws) if executor == "local" else ray_executor(todo, **executor_options)
+    bar = _bar(len(todo), f"sweep {exp.name} (cells)", progress)
+    if progress and log is print:
+        log = bar.write  # lines above the bars
     for cell, res in runner:
         bar.update()
         if isinstance(res, str):
@@ -352,8 +357,37 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, ex
         for r in rs:
             finish(r, references.get(group))
     bar.close()
+    if executor == "local" and outcome.ran:
+        outcome.drift = closing_pass(ws, exp, outcome, store, log)
     store.close(outcome.ok)
     return outcome
+
+
+DRIFT_WARN = 0.10
+
+
+def closing_pass(ws: Workspace, exp: Experiment, outcome: SweepOutcome, store: SweepStore, log) -> dict:
+    """Time the baseline cell(s) of the loaded model again after every other cell: the ratio to
+    their first pass shows how much the machine drifted during the sweep, an uncertainty that the
+    speedup intervals (repeats within a cell) do not contain. Logged on the parent run."""
+    drift = {}
+    loaded = set(ws.adapters)
+    for cell in exp.cells:
+        if not (_is_reference(cell) and cell.label in outcome.ran and json.dumps(cell.model, sort_keys=True) in loaded):
+            continue
+        first = outcome.metrics[cell.label]
+        again = ws.run(cell).metrics
+        d = {"prefill": again["prefill_ms"] / first["prefill_ms"],
+             "decode": again["decode_tokens_per_s_pooled"] / first["decode_tokens_per_s_pooled"]}
+        drift[cell.label] = d
+        prefix = re.sub(r"[^\w\-.]+", "_", cell.prefix.strip())
+        store.log_parent_metrics({f"{prefix + '_' if prefix else ''}drift_{k}": v for k, v in d.items()})
+        worst = max(abs(v - 1) for v in d.values())
+        log(f"timing drift over the sweep ({cell.label} timed again at the end): prefill x{d['prefill']:.2f}, "
+            f"decode tokens/s x{d['decode']:.2f}" + (
+                f"  WARNING: more than {DRIFT_WARN:.0%}; speedups between cells run far apart carry that "
+                f"uncertainty beyond their intervals" if worst > DRIFT_WARN else ""))
+    return drift
 
 
 def _reference_pending(exp: Experiment, todo: list[Cell], outcome: SweepOutcome, group) -> bool:

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -154,7 +155,6 @@ class SweepStore:
         rid = run.info.run_id
         from mlflow.entities import Metric, Param
 
-        import time
         now = int(time.time() * 1000)
         self.client.log_batch(rid, params=[Param(k, _param(v)) for k, v in params.items()],
                               metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
@@ -168,6 +168,12 @@ class SweepStore:
                                      tags={**tags, "role": "cell", "error": error[:5000],
                                            "mlflow.parentRunId": self.parent_id})
         self.client.set_terminated(run.info.run_id, "FAILED")
+
+    def log_parent_metrics(self, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     def close(self, ok: bool) -> None:
         self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")

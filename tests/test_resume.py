@@ -48,6 +48,7 @@ def test_failed_and_stale_cells_run_again_finished_ones_are_kept(tiny_llava_dir,
     exp = load_experiment(experiment(tmp_path, tiny_llava_dir, "resume", [0.5]))
     first = run_experiment(exp, uri, progress=False, log=lambda *_: None)
     assert first.ok and not first.resumed and len(first.ran) == len(exp.cells) == 3
+    assert set(first.drift) == {"baseline"} and first.drift["baseline"]["prefill"] > 0
     ids = exactly_once(uri, exp)
 
     client = mlflow.MlflowClient(uri)
@@ -134,3 +135,23 @@ def test_ray_executor_runs_every_cell_as_a_task_into_the_same_store(tiny_llava_d
         assert m["accuracy"] == local.metrics[label]["accuracy"]
         assert m["equal_token_average"] == local.metrics[label]["equal_token_average"]
     assert "agreement_with_baseline" in out.metrics["random@0.5"]
+
+
+def test_each_model_is_loaded_once_for_all_its_cells(tiny_llava_dir, tmp_path, monkeypatch):
+    import harness.runner as runner
+
+    loads = []
+    real = runner.load_model
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    p = tmp_path / "two.yaml"
+    p.write_text(yaml.safe_dump({
+        "experiment": "two-models", "models": [{"path": tiny_llava_dir}, {"path": tiny_llava_dir, "attn_implementation": "eager"}],
+        "dataset": {"split": "val", "samples_per_type": 1}, "generation": {"max_new_tokens": 2},
+        "timing": {"warmup": 0}, "budgets": [0.3, 0.5], "methods": ["baseline", "random", "pool"]}))
+    exp = load_experiment(p)
+    out = run_experiment(exp, f"sqlite:///{tmp_path / 'm.db'}", progress=False, log=lambda *_: None)
+    assert out.ok and len(out.ran) == 10 and len(loads) == 2
+    # relative figures compare with the baseline of the same model
+    for c in exp.cells:
+        if c.method != "baseline":
+            assert "agreement_with_baseline" in out.metrics[c.label]
