@@ -6,7 +6,8 @@
     dataset: {name: shapes, split: test, samples_per_type: 50}
     # or several:  datasets: [{split: val}, {split: test}]
     generation: {max_new_tokens: 64}
-    timing: {warmup: 3, repeats: 1}     # untimed warm-up samples; timed passes over the samples
+    timing: {warmup: 3, repeats: 1, paired: false}  # untimed warm-up samples; timed passes per sample;
+                                        # paired: time the baseline beside every sample (see harness.measure)
     budgets: [0.667, 0.778, 0.889]      # pruning ratios (float) or retained tokens (int)
     methods:
       - name: baseline                  # budget-free methods run once
@@ -55,7 +56,7 @@ SECTIONS = {
     "dataset": DATASET_DEFAULTS,
     "datasets": None,
     "generation": {"max_new_tokens": 64},
-    "timing": {"warmup": 3, "repeats": 1},
+    "timing": {"warmup": 3, "repeats": 1, "paired": False},
     "budgets": [],
     "methods": None,
     "exclude": None,
@@ -309,6 +310,8 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     _check_int(generation["max_new_tokens"], "generation.max_new_tokens", 1, where)
     _check_int(timing["warmup"], "timing.warmup", 0, where)
     _check_int(timing["repeats"], "timing.repeats", 1, where)
+    if not isinstance(timing["paired"], bool):
+        raise ExperimentError(f"{where}: timing.paired = {timing['paired']!r}; allowed: true or false")
 
     budgets = raw.get("budgets", []) or []
     if not isinstance(budgets, list):

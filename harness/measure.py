@@ -21,6 +21,11 @@ samples, as measured), prefill_gflops (analytic: decoder layers at the measured 
 plus the twig's layers for TTP; vision tower excluded), kv_cache_mb (backbone KV cache after the
 prompt), target_forwards_per_token (full-model forwards per output token: 1 for greedy).
 
+With `timing.paired`, every sample of a cell is also timed with the baseline method right before
+the cell's own pass (same repeats), and the speedups use those paired timings: a slow drift of the
+machine over the sweep then hits both sides of each ratio alike (the sweep's baseline cell still
+gives the accuracy references). It doubles the timing cost of every cell.
+
 Relative figures, against the baseline cell of the same model and dataset in the same sweep:
 relative_accuracy, agreement_with_baseline (same answer text), accuracy_diff with a paired
 bootstrap 95 % interval over samples, and speedups (prefill, ttft, e2e: ratio of medians; decode:
@@ -155,10 +160,17 @@ def accuracy_diff(records: list[dict], baseline: list[dict], seed: int = 0) -> t
     return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def paired_reference(records: list[dict]) -> list[dict]:
+    """The baseline timings taken beside each sample of a cell (timing.paired), as records."""
+    return [{"uid": r["uid"], "decode_tokens": r["baseline_decode_tokens"], "timings": r["baseline_timings"]}
+            for r in records]
+
+
 def relative_metrics(records: list[dict], baseline: list[dict]) -> dict:
     cell, base = paired(records, baseline)
     if not cell:
         return {}
+    timed_base = paired_reference(cell) if "baseline_timings" in cell[0] else base
     acc = statistics.fmean(r["score"] for r in cell)
     base_acc = statistics.fmean(r["score"] for r in base)
     m = {"relative_accuracy": acc / base_acc if base_acc > 0 else float("nan"),
@@ -166,7 +178,7 @@ def relative_metrics(records: list[dict], baseline: list[dict]) -> dict:
                                                      for c, b in zip(cell, base))}
     m["accuracy_diff"], m["accuracy_diff_ci_low"], m["accuracy_diff_ci_high"] = accuracy_diff(cell, base)
     for name, key in (("prefill", "prefill_ms"), ("ttft", "ttft_ms"), ("e2e", "e2e_ms"), ("decode", "decode")):
-        p, lo, hi = speedup(cell, base, key)
+        p, lo, hi = speedup(cell, timed_base, key)
         if p == p:
             m[f"{name}_speedup"], m[f"{name}_speedup_ci_low"], m[f"{name}_speedup_ci_high"] = p, lo, hi
     return m

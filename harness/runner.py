@@ -30,7 +30,7 @@ from harness.engine.speculative import speculative_generate
 from harness.experiment import Cell, Experiment, model_name
 from harness.models.adapter import DTYPES, ModelAdapter, load_model
 from harness.tracking import DEFAULT_TRACKING_URI, SweepStore, environment_tags
-from methods import ModelShape
+from methods import ModelShape, build_method
 
 
 @dataclass
@@ -82,6 +82,17 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     value_bytes = torch.finfo(DTYPES[adapter.dtype_name]).bits // 8
     twig_layers = getattr(method, "T", 0) if getattr(method, "twig", None) is not None else 0
 
+    paired = cell.timing.get("paired") and not _is_reference(cell)
+    reference = build_method("baseline") if paired else None
+
+    def timed_reference(s, x) -> tuple[dict, int]:
+        """The baseline (greedy, every token) on the same sample, right before the cell's own pass."""
+        sync(adapter.device)
+        t0 = time.perf_counter()
+        rec = generate(adapter, x["input_ids"], x["pixel_values"], reference, max_new_tokens, sample=s)
+        sync(adapter.device)
+        return _timing(rec, (time.perf_counter() - t0) * 1e3), len(rec.tokens) - 1
+
     def decode(s, x):
         sync(adapter.device)
         t0 = time.perf_counter()
@@ -100,11 +111,13 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     records, mismatches = [], 0
     bar = _bar(len(samples) * repeats, cell.label, progress, leave=False, position=1)
     for s, x in zip(samples, inputs):
-        timings, first = [], None
+        timings, first, ref_timings, ref_tokens = [], None, [], 0
         for _ in range(repeats):
+            if paired:
+                t, ref_tokens = timed_reference(s, x)
+                ref_timings.append(t)
             rec, stats, wall_ms = decode(s, x)
-            timings.append({"vision_ms": rec.vision_ms, "select_ms": rec.select_ms, "prefill_ms": rec.prefill_ms,
-                            "ttft_ms": rec.vision_ms + rec.prefill_ms, "decode_ms": rec.decode_ms, "e2e_ms": wall_ms})
+            timings.append(_timing(rec, wall_ms))
             if first is None:
                 first = (rec, stats)
             elif rec.tokens != first[0].tokens:
@@ -119,6 +132,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
             "prediction": rec.text, "tokens": rec.tokens, "score": score(s, rec.text), "new_tokens": len(rec.tokens),
             "decode_tokens": len(rec.tokens) - (1 if stats is None else stats.first_tokens),
             "timings": timings, "equal_token_average": rec.equal_token_average,
+            **({"baseline_timings": ref_timings, "baseline_decode_tokens": ref_tokens} if paired else {}),
             "prefill_gflops": measure.prefill_gflops(rec.visual_per_layer, text_tokens, shape, twig_layers,
                                                      adapter.num_visual),
             "kv_cache_mb": measure.kv_cache_mb(rec.visual_per_layer, text_tokens, shape, value_bytes),
@@ -134,13 +148,18 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     params = {**method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
               "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
               "num_visual": adapter.num_visual, "max_new_tokens": max_new_tokens, "warmup": warmup,
-              "repeats": repeats, "dataset": cell.dataset["name"], "split": cell.dataset["split"],
+              "repeats": repeats, "paired_timing": bool(paired), "dataset": cell.dataset["name"], "split": cell.dataset["split"],
               "cell": cell.label, "series": cell.series, "cell_hash": cell.hash}
     metrics = {**aggregate(records), **_peak_memory(adapter.device), "repeat_token_mismatches": mismatches}
     reference = records if cell.method == "baseline" and baseline is None and not ssd else baseline
     if reference is not None:
         metrics.update(measure.relative_metrics(records, reference))
     return CellResult(cell, params, metrics, records)
+
+
+def _timing(rec, wall_ms: float) -> dict:
+    return {"vision_ms": rec.vision_ms, "select_ms": rec.select_ms, "prefill_ms": rec.prefill_ms,
+            "ttft_ms": rec.vision_ms + rec.prefill_ms, "decode_ms": rec.decode_ms, "e2e_ms": wall_ms}
 
 
 def aggregate(records: list[dict]) -> dict:

@@ -92,3 +92,24 @@ def test_spread_is_the_range_over_repeats():
     m = measure.timing_metrics(recs)
     assert m["repeats"] == 3
     assert m["prefill_ms"] == 11.0 and m["prefill_ms_spread"] == pytest.approx(13.0 - 10.0)
+
+
+def test_paired_timing_times_the_baseline_beside_every_sample(tiny_llava_dir):
+    from harness.data import load_samples
+    from harness.experiment import Cell
+    from harness.models.adapter import load_model
+    from harness.runner import run_cell
+
+    adapter = load_model(tiny_llava_dir)
+    samples = load_samples("shapes", "val", 2)
+    inputs = [adapter.inputs(s.image, s.question) for s in samples]
+    timing = {"warmup": 0, "repeats": 2, "paired": True}
+    base = run_cell(adapter, Cell("baseline", {}, None, timing=timing), samples, inputs, 3)
+    assert "baseline_timings" not in base.records[0]  # the reference itself is not paired
+    cell = run_cell(adapter, Cell("random", {}, 60, timing=timing), samples, inputs, 3, baseline=base.records)
+    r = cell.records[0]
+    assert len(r["baseline_timings"]) == len(r["timings"]) == 2
+    assert r["baseline_decode_tokens"] == base.records[0]["decode_tokens"]
+    # the speedups use the paired timings, not the baseline cell's
+    p, _, _ = measure.speedup(cell.records, measure.paired_reference(cell.records), "prefill_ms")
+    assert cell.metrics["prefill_speedup"] == p and cell.params["paired_timing"] is True
