@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: help setup test test-fast sweep report ui bench ablation train-embedded train-twig clean
+.PHONY: help setup test test-fast sweep report ui bench shape-check ablation train-embedded train-twig clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -37,6 +37,9 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 for ./mlflow.db
 
 bench: $(STAMP)  ## decode speed of greedy, SSD, TTP+SSD, FastV on the long-description task
 	$(BIN)/python -m harness.bench
+
+shape-check: $(STAMP)  ## LLaVA-1.5-7B-shaped random model: baseline/FastV/TTP prefill (GPU; --tiny elsewhere)
+	$(BIN)/python -m harness.shape_check
 
 train-twig: $(STAMP)  ## retrain the embedded model's twig (K=1, T=2; resumable)
 	$(BIN)/python -m methods.twigvlm.train_twig --model embedded --K 1 --T 2 --lr 5e-4 --steps 1500 --out build/twig-K1-T2
