@@ -80,6 +80,17 @@ def markdown(table: pd.DataFrame, title: str, meta: str, figure: str = "accuracy
             f"![accuracy vs budget]({figure})\n")
 
 
+def timing_note(runs: pd.DataFrame) -> str:
+    """The timing protocol of the cells, from their params."""
+    if "params.repeats" not in runs:
+        return ""
+    repeats = sorted(set(runs["params.repeats"].dropna()))
+    paired = "params.paired_timing" in runs and runs["params.paired_timing"].astype(str).str.lower().eq("true").any()
+    against = ("the baseline timed beside every sample of each cell (paired)" if paired
+               else "the baseline cell's timings")
+    return f" Timing: {'/'.join(repeats)} timed repeat(s) per sample; speedups against {against}."
+
+
 def conventions(table: pd.DataFrame) -> str:
     """A line per cell whose measured equal-token average is more than one token off its budget."""
     off = table[(table["equal_token_average"] - table["budget_tokens"]).abs() > 1]
@@ -136,7 +147,7 @@ def build_report(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, pare
         figure = "accuracy_vs_budget.png" if len(groups) == 1 else f"accuracy_vs_budget_{i + 1}.png"
         plot(table, d / figure)
         meta = (f"Model `{model}`, dataset `{dataset}` ({split} split), MLflow sweep run `{parent_run_id}` "
-                f"in `{tracking_uri}`.")
+                f"in `{tracking_uri}`.{timing_note(g)}")
         title = f"Sweep report: {experiment}" + ("" if len(groups) == 1 else f" — {model} / {dataset}:{split}")
         sections.append(markdown(table, title, meta, figure))
         tables.append(table.assign(model=model, dataset=dataset, split=split))
