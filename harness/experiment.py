@@ -157,14 +157,6 @@ class Experiment:
     source: str = ""
 
     @property
-    def model(self) -> dict:  # the first model (single-model experiments)
-        return self.models[0]
-
-    @property
-    def dataset(self) -> dict:
-        return self.datasets[0]
-
-    @property
     def hash(self) -> str:
         """Identity of the sweep: its cells' identities (order-free)."""
         return hashlib.sha256(" ".join(sorted(c.hash for c in self.cells)).encode()).hexdigest()[:16]

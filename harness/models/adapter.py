@@ -219,8 +219,10 @@ class ModelAdapter:
     def grids(self) -> list[torch.Tensor]:
         """The spatial grids of the M visual tokens: (rows, cols) tensors of token indices, each
         covering the whole image (tokens outside every grid, e.g. newlines or CLS, are not spatial)."""
-        side = math.isqrt(self.num_visual)
-        return [torch.arange(side * side).view(side, side)]
+        v = self.model.config.vision_config
+        side = v.image_size // v.patch_size
+        first = 0 if self.model.config.vision_feature_select_strategy == "default" else 1  # "full": CLS first
+        return [first + torch.arange(side * side).view(side, side)]
 
     def tower_state(self, hidden_states):
         """The feature layer's output, CLS-query attention per head, and head-averaged keys, for
