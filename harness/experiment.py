@@ -205,8 +205,9 @@ def _check_int(value, name: str, lo: int, where: str) -> None:
         raise ExperimentError(f"{where}: {name} = {value!r}; allowed: an integer >= {lo}")
 
 
-def _method_cells(m, i: int, budgets: list, where: str) -> list[tuple[dict, object, dict | None]]:
-    """(settings, budget, decoding) of every cell one `methods` entry expands into."""
+def _method_cells(m, i: int, budgets: list, where: str) -> tuple[str, list[tuple[dict, object, dict | None]]]:
+    """The method of one `methods` entry and the (settings, budget, decoding) of every cell it
+    expands into."""
     at = f"{where}: methods[{i}]"
     if isinstance(m, str):
         m = {"name": m}
@@ -265,7 +266,7 @@ def _method_cells(m, i: int, budgets: list, where: str) -> list[tuple[dict, obje
         point = {k: v for d in combo for k, v in d.items()}
         budget = point.pop("budget")
         out.append(({**settings, **point}, budget, decoding))
-    return out
+    return method, out
 
 
 def _matches(cell: Cell, rule: dict) -> bool:
@@ -311,8 +312,7 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     methods = raw.get("methods")
     if not isinstance(methods, list) or not methods:
         raise ExperimentError(f"{where}: 'methods' must be a non-empty list of {{name, settings, budgets}}")
-    per_method = [(m if isinstance(m, str) else m.get("name") if isinstance(m, dict) else None,
-                   _method_cells(m, i, budgets, where)) for i, m in enumerate(methods)]
+    per_method = [_method_cells(m, i, budgets, where) for i, m in enumerate(methods)]
     several = len(models) > 1 or len(datasets) > 1
     names = [model_name(m) for m in models]
     names = [n if names.count(n) == 1 else f"{n}[{m['dtype']},{m['attn_implementation']}]"
@@ -328,11 +328,11 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     if not isinstance(rules, list) or not all(isinstance(r, dict) and r for r in rules):
         raise ExperimentError(f"{where}: 'exclude' must be a list of non-empty mappings, got {rules!r}")
     for i, rule in enumerate(rules):
-        hit = [c for c in cells if _matches(c, rule)]
-        if not hit:
+        kept = [c for c in cells if not _matches(c, rule)]
+        if len(kept) == len(cells):
             raise ExperimentError(f"{where}: exclude[{i}] {rule} matches no cell; allowed keys: method, "
                                   f"budget, model, dataset, split, decoding, or a setting of the method")
-        cells = [c for c in cells if not _matches(c, rule)]
+        cells = kept
     if not cells:
         raise ExperimentError(f"{where}: the exclusions leave no cell to run")
     labels = [c.label for c in cells]
@@ -347,25 +347,27 @@ def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     if not p.is_file():
         raise ExperimentError(f"experiment file {str(p)!r} not found")
+    text = p.read_text()
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ExperimentError(f"{p}: malformed YAML{at}: {getattr(e, 'problem', e)}") from None
     exp = parse_experiment(raw, str(p))
-    exp.source = p.read_text()
+    exp.source = text
     validate(exp, str(p))
     return exp
 
 
 def validate(exp: Experiment, where: str = "experiment") -> None:
     """Resolve every model's shape and configure every cell's method: impossible cells fail here."""
-    shapes = {}
+    shapes, prefix = {}, ""
     try:
         for model in exp.models:
             shapes[model["path"]] = ModelShape(**read_shape(model["path"], model.get("checkpoint")))
         for cell in exp.cells:
+            prefix = cell.prefix
             cell.build().configure(shapes[cell.model["path"]])
     except (MethodError, ModelError, DatasetError) as e:
-        raise ExperimentError(f"{where}: {cell.prefix if 'cell' in locals() else ''}{e}") from None
+        raise ExperimentError(f"{where}: {prefix}{e}") from None

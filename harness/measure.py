@@ -106,7 +106,7 @@ def timing_metrics(records: list[dict]) -> dict:
     return m
 
 
-def paired(records: list[dict], baseline: list[dict]) -> tuple[list[dict], list[dict]]:
+def align(records: list[dict], baseline: list[dict]) -> tuple[list[dict], list[dict]]:
     base = {r["uid"]: r for r in baseline}
     common = [r for r in records if r["uid"] in base]
     return common, [base[r["uid"]] for r in common]
@@ -129,7 +129,7 @@ def _speedup_stat(key: str):
 def speedup(records: list[dict], baseline: list[dict], key: str, seed: int = 0) -> tuple[float, float, float]:
     """(point, low, high): the cell's speedup over the baseline for `key` (a TIMES entry or
     'decode'), point from per-sample medians over repeats, 95 % bootstrap interval."""
-    cell, base = paired(records, baseline)
+    cell, base = align(records, baseline)
     col = "decode_ms" if key == "decode" else key
     ct, bt = _timing_arrays(cell, col), _timing_arrays(base, col)
     ck = np.array([r["decode_tokens"] for r in cell], dtype=float)
@@ -153,7 +153,7 @@ def speedup(records: list[dict], baseline: list[dict], key: str, seed: int = 0) 
 
 def accuracy_diff(records: list[dict], baseline: list[dict], seed: int = 0) -> tuple[float, float, float]:
     """Mean paired score difference (cell - baseline) and its 95 % paired-bootstrap interval."""
-    cell, base = paired(records, baseline)
+    cell, base = align(records, baseline)
     d = np.array([c["score"] - b["score"] for c, b in zip(cell, base)], dtype=float)
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), (BOOTSTRAP, len(d)))].mean(1)
@@ -167,7 +167,7 @@ def paired_reference(records: list[dict]) -> list[dict]:
 
 
 def relative_metrics(records: list[dict], baseline: list[dict]) -> dict:
-    cell, base = paired(records, baseline)
+    cell, base = align(records, baseline)
     if not cell:
         return {}
     timed_base = paired_reference(cell) if "baseline_timings" in cell[0] else base

@@ -13,6 +13,7 @@ so that every result lands in the one tracking store the driver points at.
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import statistics
@@ -151,7 +152,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
               "repeats": repeats, "paired_timing": bool(paired), "dataset": cell.dataset["name"], "split": cell.dataset["split"],
               "cell": cell.label, "series": cell.series, "cell_hash": cell.hash}
     metrics = {**aggregate(records), **_peak_memory(adapter.device), "repeat_token_mismatches": mismatches}
-    reference = records if cell.method == "baseline" and baseline is None and not ssd else baseline
+    reference = records if _is_reference(cell) and baseline is None else baseline
     if reference is not None:
         metrics.update(measure.relative_metrics(records, reference))
     return CellResult(cell, params, metrics, records)
@@ -245,8 +246,6 @@ _WORKSPACE: Workspace | None = None
 
 def _ray_cell(cell: Cell):
     global _WORKSPACE
-    import os
-
     torch.set_num_threads(int(os.environ.get("TWIGBENCH_THREADS", "0")) or torch.get_num_threads())
     if _WORKSPACE is None:
         _WORKSPACE = Workspace()
@@ -330,10 +329,8 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, ex
         if _is_reference(c):
             references[c.group] = store.records(done[c.hash]) if c.hash in done else None
     waiting: dict[tuple, list] = {}
-    outcome = SweepOutcome(store.parent_id, resumed, [], skipped, {}, {l: {} for l in skipped})
-    for c in exp.cells:
-        if c.hash in done:
-            outcome.metrics[c.label] = store.metrics(done[c.hash])
+    outcome = SweepOutcome(store.parent_id, resumed, [], skipped, {},
+                           {c.label: store.metrics(done[c.hash]) for c in exp.cells if c.hash in done})
 
     def finish(res: CellResult, reference):
         if reference is not None and not _is_reference(res.cell):

@@ -82,6 +82,14 @@ def _write_artifact(mlflow, run_id: str, name: str, text: str) -> None:
         mlflow.MlflowClient().log_artifact(run_id, str(path))
 
 
+def _metrics(metrics: dict) -> list:
+    """MLflow metric entities of the numeric, non-NaN values."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+
+
 def _param(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:6000]
@@ -153,12 +161,9 @@ class SweepStore:
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={**tags, "role": "cell", "mlflow.parentRunId": self.parent_id})
         rid = run.info.run_id
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Param
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(rid, params=[Param(k, _param(v)) for k, v in params.items()],
-                              metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
-                                       if isinstance(v, (int, float)) and v == v])  # drop NaN
+        self.client.log_batch(rid, params=[Param(k, _param(v)) for k, v in params.items()], metrics=_metrics(metrics))
         _write_artifact(self.mlflow, rid, "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         self.client.set_terminated(rid, "FINISHED")
         return rid
@@ -170,10 +175,7 @@ class SweepStore:
         self.client.set_terminated(run.info.run_id, "FAILED")
 
     def log_parent_metrics(self, metrics: dict) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.log_batch(self.parent_id, metrics=_metrics(metrics))
 
     def close(self, ok: bool) -> None:
         self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")

@@ -294,9 +294,14 @@ class LlavaNextAdapter(ModelAdapter):
         return self._pack(self.project(feats), self.model.model.image_newline)
 
     def _packed_ids(self, p: int, n: int) -> torch.Tensor:
-        """Which tower token (p * n + j) each packed position holds; -1: a newline."""
-        ids = torch.arange(p * n, dtype=torch.float64).view(p, n, 1)
-        return self._pack(ids, torch.tensor([-1.0], dtype=torch.float64))[:, 0].round().long()
+        """Which tower token (p * n + j) each packed position holds; -1: a newline. Computed once
+        per image size (it runs the model's packing on ids)."""
+        cache = self.__dict__.setdefault("_packed_cache", {})
+        key = (tuple(self._image_sizes[0].tolist()), p, n)
+        if key not in cache:
+            ids = torch.arange(p * n, dtype=torch.float64).view(p, n, 1)
+            cache[key] = self._pack(ids, torch.tensor([-1.0], dtype=torch.float64))[:, 0].round().long()
+        return cache[key]
 
     def token_index(self, n_tower_tokens: int) -> torch.Tensor:
         p = self._crops(self._image_sizes)
@@ -311,17 +316,16 @@ class LlavaNextAdapter(ModelAdapter):
 
     def grids(self) -> list[torch.Tensor]:
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
-        base = torch.arange(side * side).view(side, side)
-        rest = self.num_visual - side * side
-        if rest == 0:
-            return [base]
-        sizes = getattr(self, "_image_sizes", None)
-        if sizes is None:  # no sample seen yet: the layout of the benchmark's image size
+        if getattr(self, "_image_sizes", None) is None:  # no sample seen yet: the benchmark's image size
             self._image_sizes = self.processor(images=_blank_image(), text="<image>",
                                                return_tensors="pt")["image_sizes"].to(self.device)
-        packed = self._packed_ids(self._crops(self._image_sizes), side * side)[side * side:]
-        rows = int((packed < 0).sum())
-        return [base, (side * side + torch.arange(rest).view(rows, rest // rows))[:, :-1]]
+        crops = self._packed_ids(self._crops(self._image_sizes), side * side)[side * side:]
+        base = torch.arange(side * side).view(side, side)
+        if not len(crops):
+            return [base]
+        rows = int((crops < 0).sum())  # one newline per row
+        grid = (side * side + torch.arange(len(crops)).view(rows, len(crops) // rows))[:, :-1]
+        return [base, grid]
 
 
 class VideoLlavaAdapter(ModelAdapter):
