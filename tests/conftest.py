@@ -10,7 +10,11 @@ import torch
 from harness.data import synthetic as syn
 from harness.models import embedded
 
-torch.set_num_threads(2)
+# Torch's threads follow OMP_NUM_THREADS where it is set (the suite is checked with 1, 2 and more);
+# otherwise at most 2, so that a many-core machine does not spend its time on thread start-up for
+# these small matrices.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +43,9 @@ def tiny_llava_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def samples():
     return [syn.make_sample("val", i) for i in range(6)]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-update", action="store_true",
+                     help="tests/bench: write the measured ratios and proxies to tests/bench/expected.json "
+                          "instead of checking them (make bench-baseline)")

@@ -5,6 +5,7 @@ import torch
 from harness.engine.generate import generate, prefill
 from harness.models.adapter import load_model
 from methods.base import Method, ModelShape, build_method
+from numerics import assert_fp32_close, decoder_reduction, fp32_atol, topk_like
 
 
 class KeepAllAt(Method):
@@ -45,7 +46,9 @@ def test_probe_equals_eager_attentions(tiny_llava_dir, samples):
         out = adapter.model(**x, output_attentions=True)
     for layer, (r, probe) in method.seen.items():
         ref = out.attentions[layer][0, :, r, :].mean(0)
-        torch.testing.assert_close(probe, ref.float(), atol=1e-5, rtol=0)
+        # both sides run the same eager layers; they differ in q.k (head_dim terms) and in the
+        # softmax's sum over the S keys (measured: <= 2 u x max|ref|)
+        assert_fp32_close(probe, ref.float(), reduction=ref.shape[-1], depth=2)
 
 
 def test_keep_everything_reproduces_baseline(tiny_llava_dir, samples):
@@ -71,8 +74,10 @@ def test_fastv_keeps_exactly_the_naive_top_n(tiny_llava_dir, samples):
                 att = adapter.model(**x, output_attentions=True).attentions[K - 1][0]
             cols = (x["input_ids"][0] == image_id).nonzero().flatten()
             scores = att[:, -1, cols].mean(0)
-            expected = sorted(scores.topk(method.keep_n).indices.tolist())
             pre = prefill(adapter, x["input_ids"], x["pixel_values"], method)
+            # ties within float noise (the probe against eager attention after K layers) go either way
+            noise = fp32_atol(scores, decoder_reduction(adapter.language_model.config, att.shape[-1]), depth=K)
+            expected = topk_like(scores, method.keep_n, noise, prefer=pre.keep[K - 1])
             assert pre.keep[K - 1] == expected
             m = adapter.num_visual
             assert pre.visual_per_layer == [m] * K + [method.keep_n] * (adapter.num_layers - K)
@@ -109,4 +114,6 @@ def test_pruned_prefill_equals_truncated_transformers_forward(tiny_llava_dir, sa
         lm.layers = all_layers
         lm.config.num_hidden_layers = len(all_layers)
     ref = adapter.model.lm_head(out.last_hidden_state[0, -1])
-    torch.testing.assert_close(pre.logits, ref, atol=1e-4, rtol=1e-4)
+    # layers K..L-1 and the LM head, the same SDPA modules with another mask: sums of up to the
+    # widths or the sequence in each (measured: equal here)
+    assert_fp32_close(pre.logits, ref, decoder_reduction(lm.config, len(ids)), depth=adapter.num_layers - K + 1)

@@ -11,6 +11,7 @@ from harness.models import families
 from harness.models.adapter import load_model, read_shape
 from methods import ModelShape, build_method
 from methods.twigvlm.twig import Twig, save_twig
+from numerics import assert_fp32_close, decoder_reduction
 
 FAMILIES = ("llava-next", "video-llava")
 
@@ -55,7 +56,10 @@ def test_engine_matches_the_models_own_forward(family_dir):
         with torch.no_grad():
             ref = adapter.model(**hf_inputs(adapter, x)).logits[0, -1]
             ours = prefill(adapter, x["input_ids"], x["pixel_values"], base).logits
-        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        # the same layers with the engine's masks and cache against the model's own forward: every
+        # layer and the LM head (measured: <= 6 u x max|ref|)
+        cfg = adapter.language_model.config
+        assert_fp32_close(ours, ref, decoder_reduction(cfg, x["input_ids"].shape[1]), depth=adapter.num_layers + 1)
         with torch.no_grad():
             hf = adapter.model.generate(**hf_inputs(adapter, x), max_new_tokens=5, do_sample=False)
         rec = generate(adapter, x["input_ids"], x["pixel_values"], base, 5)
@@ -74,7 +78,9 @@ def test_tower_token_index_and_grids_point_at_the_right_visual_tokens(family_dir
         projected = adapter.project(tower.hidden)  # (P, N+1, D)
     idx = tower.token_index
     used = idx >= 0
-    torch.testing.assert_close(default[idx[used]], projected[used], atol=1e-5, rtol=1e-5)
+    # the projector's two matmuls over other batch shapes (measured: equal here)
+    assert_fp32_close(default[idx[used]], projected[used], reduction=max(projected.shape[-1], states[0].shape[-1]),
+                      depth=2)
     grids = adapter.grids()
     in_grid = torch.cat([g.flatten() for g in grids])
     assert len(set(in_grid.tolist())) == len(in_grid)
@@ -82,7 +88,7 @@ def test_tower_token_index_and_grids_point_at_the_right_visual_tokens(family_dir
     if family == "llava-next":  # base 12x12, then a 12x12 crop grid, each row followed by a newline
         assert [tuple(g.shape) for g in grids] == [(12, 12), (12, 12)] and len(outside) == 12
         newline = adapter.model.model.image_newline
-        torch.testing.assert_close(default[outside], newline.expand(len(outside), -1))
+        assert torch.equal(default[outside], newline.expand(len(outside), -1))  # a copy: exact
     else:  # one 12x12 grid per frame; the frames' CLS tokens are outside
         assert [tuple(g.shape) for g in grids] == [(12, 12)] * 4 and outside == [0, 145, 290, 435]
 

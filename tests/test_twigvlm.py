@@ -10,6 +10,7 @@ from harness.models.adapter import load_model
 from methods import ModelShape, build_method
 from methods.base import MethodError
 from methods.twigvlm.twig import Twig, TwigError, load_twig, save_twig
+from numerics import decoder_reduction, fp32_atol, topk_like
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,10 @@ def test_ttp_keeps_what_a_naive_twig_reference_keeps(tiny_llava_dir, samples, ti
             hook.remove()
         cols = (x["input_ids"][0] == engine.image_token_id).nonzero().flatten()
         scores = seen["w"][0, :, -1, cols].mean(0)
-        expected = sorted(scores.topk(method.keep_n).indices.tolist())
         pre = prefill(engine, x["input_ids"], x["pixel_values"], method)
-        assert pre.keep[K - 1] == expected
+        # ties within float noise (SDPA engine and twig against eager, K + T layers) go either way
+        noise = fp32_atol(scores, decoder_reduction(engine.language_model.config, n), depth=K + method.twig.T)
+        assert pre.keep[K - 1] == topk_like(scores, method.keep_n, noise, prefer=pre.keep[K - 1])
         assert pre.visual_per_layer == [engine.num_visual] * K + [method.keep_n] * (engine.num_layers - K)
 
 
@@ -127,9 +129,11 @@ def test_ttp_backbone_score_source_is_that_layers_last_row(tiny_llava_dir, sampl
     with torch.no_grad():
         att = eager.model(**x, output_attentions=True).attentions[j][0]
     cols = (x["input_ids"][0] == engine.image_token_id).nonzero().flatten()
-    expected = sorted(att[:, -1, cols].mean(0).topk(method.keep_n).indices.tolist())
+    scores = att[:, -1, cols].mean(0)
     pre = prefill(engine, x["input_ids"], x["pixel_values"], method)
-    assert pre.keep[method.K - 1] == expected
+    # ties within float noise (SDPA layers and the probe against eager, j + 1 layers) go either way
+    noise = fp32_atol(scores, decoder_reduction(engine.language_model.config, att.shape[-1]), depth=j + 1)
+    assert pre.keep[method.K - 1] == topk_like(scores, method.keep_n, noise, prefer=pre.keep[method.K - 1])
     assert method.params()["score_source"] == f"backbone layer {j}"
 
 
