@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: help setup test test-fast sweep report ui bench shape-check ablation train-embedded train-twig clean
+.PHONY: help setup test test-fast sweep report ui bench bench-compare bench-baseline bench-decode shape-check ablation train-embedded train-twig clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -22,8 +22,8 @@ setup: $(STAMP)  ## create/refresh the virtual environment (.venv)
 test: $(STAMP)  ## run every test (the end-to-end ones marked slow included)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)  ## the tests without the slow end-to-end runs
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: $(STAMP)  ## the tests without the slow end-to-end runs and the speed benchmarks
+	$(BIN)/python -m pytest -q -m "not slow and not bench"
 
 sweep: $(STAMP)  ## the main job: experiments/default.yaml on the embedded model -> MLflow + report
 	$(BIN)/twigbench sweep experiments/default.yaml
@@ -35,14 +35,27 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 for ./mlflow.db
 	@echo "MLflow UI: http://127.0.0.1:5000  (Ctrl-C to stop)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-bench: $(STAMP)  ## decode speed of greedy, SSD, TTP+SSD, FastV on the long-description task
-	$(BIN)/python -m harness.bench
+BENCH_STORAGE := file://$(CURDIR)/.benchmarks
+
+bench: $(STAMP)  ## speed benchmarks with their gate; saves the run under .benchmarks/ for bench-compare
+	$(BIN)/python -m pytest tests/bench -q --benchmark-save=bench --benchmark-storage=$(BENCH_STORAGE)
+
+bench-compare: $(STAMP)  ## speed benchmarks against the last saved run; fails where a median is 25 % slower
+	$(BIN)/python -m pytest tests/bench -q --benchmark-storage=$(BENCH_STORAGE) \
+		--benchmark-compare --benchmark-compare-fail=median:25%
+
+bench-baseline: $(STAMP)  ## measure and write tests/bench/expected.json (the gate's ratios; review the diff)
+	$(BIN)/python -m pytest tests/bench -q --bench-update
+	-git diff --stat tests/bench/expected.json
+
+bench-decode: $(STAMP)  ## decode-speed table of greedy, SSD, TTP+SSD, FastV on the long-description task
+	$(BIN)/python -m tools.bench_decode
 
 shape-check: $(STAMP)  ## LLaVA-1.5-7B-shaped random model: baseline/FastV/TTP prefill (GPU; --tiny elsewhere)
-	$(BIN)/python -m harness.shape_check
+	$(BIN)/python -m tools.shape_check
 
 train-twig: $(STAMP)  ## retrain the embedded model's twig (K=1, T=2; resumable)
-	$(BIN)/python -m methods.twigvlm.train_twig --model embedded --K 1 --T 2 --lr 5e-4 --steps 1500 --out build/twig-K1-T2
+	$(BIN)/python -m tools.train_twig --model embedded --K 1 --T 2 --lr 5e-4 --steps 1500 --out build/twig-K1-T2
 	mkdir -p harness/models/embedded/twigs/K1-T2
 	cp build/twig-K1-T2/twig.safetensors build/twig-K1-T2/twig.json harness/models/embedded/twigs/K1-T2/
 
@@ -54,16 +67,16 @@ ablation: $(STAMP) $(foreach t,$(ABLATION_TWIGS),build/twigs/$(t)/twig.safetenso
 # ablation twigs train 600 steps each (~4-10 min on 2 cores), the default twig 1500: the ablation
 # compares its variants with K1-T2-copy, trained the same way as they are
 build/twigs/%/twig.safetensors: | $(STAMP)
-	$(BIN)/python -m methods.twigvlm.train_twig --model embedded --lr 5e-4 --steps 600 --out build/twigs/$* \
+	$(BIN)/python -m tools.train_twig --model embedded --lr 5e-4 --steps 600 --out build/twigs/$* \
 		--K $(subst K,,$(word 1,$(subst -, ,$*))) --T $(subst T,,$(word 2,$(subst -, ,$*))) \
 		--init $(word 3,$(subst -, ,$*))
 
 train-embedded: $(STAMP)  ## retrain the embedded model, both stages (resumable; ~3 h on 2 cores)
-	$(BIN)/python -m harness.models.train_embedded --out build/train-embedded
-	$(BIN)/python -m harness.models.train_embedded --out build/finetune-embedded \
+	$(BIN)/python -m tools.train_embedded --out build/train-embedded
+	$(BIN)/python -m tools.train_embedded --out build/finetune-embedded \
 		--init-from build/train-embedded/final --steps 1500 --lr 5e-4 --warmup 100 --drop-from 0 \
 		--object-drop 0.5 --type-weights count=2,exist=2,position=2 --turn-mean --seed 1
-	@echo "evaluate and install: $(BIN)/python -m harness.models.publish_embedded build/finetune-embedded/final"
+	@echo "evaluate and install: $(BIN)/python -m tools.publish_embedded build/finetune-embedded/final"
 
 clean:  ## remove outputs (keeps .venv and mlflow.db)
 	rm -rf build reports/out .pytest_cache

@@ -10,7 +10,7 @@ from harness.data import synthetic as syn
 from harness.engine.generate import generate
 from harness.models.adapter import load_model
 from harness.models.embedded import EMBEDDED_DIR
-from harness.models.publish_embedded import majority_answers
+from tools.publish_embedded import majority_answers
 from methods import ModelShape, build_method
 
 SHORT_TYPES = ("attribute", "count", "exist", "position", "text")

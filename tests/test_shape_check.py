@@ -1,6 +1,6 @@
 """The real-size engine check runs (here at a tiny size of the same proportions) and reports the
 tokens and FLOPs each method promises."""
-from harness import shape_check
+from tools import shape_check
 
 
 def test_shape_check_reports_tokens_and_flops_per_method(capsys):

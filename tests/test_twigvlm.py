@@ -143,7 +143,7 @@ def test_train_twig_learns_only_the_twig_and_resumes(tiny_llava_dir, tmp_path):
     from PIL import Image
 
     from harness.data import synthetic as syn
-    from methods.twigvlm import train_twig
+    from tools import train_twig
 
     out = tmp_path / "twig"
     train_twig.main(["--model", tiny_llava_dir, "--K", "1", "--T", "2", "--steps", "2", "--batch", "2",

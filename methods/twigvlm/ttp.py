@@ -37,7 +37,7 @@ def resolve_twig(path: str) -> Path:
     p = EMBEDDED_TWIG if path == "embedded" else Path(path).expanduser()
     if not p.is_dir() or not any(p.glob("*.safetensors")):
         raise MethodError(f"twigvlm: twig {path!r} is not a directory with a trained twig (.safetensors); "
-                          f"allowed: 'embedded' or a directory written by methods.twigvlm.train_twig")
+                          f"allowed: 'embedded' or a directory written by tools.train_twig")
     return p
 
 

@@ -3,12 +3,12 @@
 no distillation loss, as in TwigVLM.
 
     # the embedded model, on CPU, from the synthetic benchmark's train split
-    python -m methods.twigvlm.train_twig --model embedded --K 1 --T 2 --steps 600 \
+    python -m tools.train_twig --model embedded --K 1 --T 2 --steps 600 \
         --out methods/twigvlm/twigs/embedded-K1-T2
 
     # a 7B checkpoint on a GPU, from LLaVA-format instruction data (the paper's settings are the
     # defaults: 1 epoch of LLaVA-665K, lr 1e-4 cosine, warm-up 3 %, batch 128)
-    python -m methods.twigvlm.train_twig --model /models/llava-1.5-7b-hf --dtype bfloat16 \
+    python -m tools.train_twig --model /models/llava-1.5-7b-hf --dtype bfloat16 \
         --K 2 --T 3 --data /data/llava_v1_5_mix665k.json --image-root /data \
         --batch 16 --grad-accum 8 --out twigs/llava-1.5-7b-K2-T3
 
@@ -70,7 +70,7 @@ def twig_loss(twig: Twig, hidden, positions, pe, mask, labels) -> torch.Tensor:
 
 def shapes_batches(adapter, batch: int, seed: int):
     """Synthetic multi-turn conversations of the embedded benchmark's train split."""
-    from harness.models import train_embedded as te
+    from tools import train_embedded as te
 
     tok = adapter.processor.tokenizer
     step = 0

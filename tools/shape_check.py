@@ -1,8 +1,8 @@
 """The engine at real size: a random-weight model of LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 tower,
 576 visual tokens, 32 Llama layers of 4096) through baseline, FastV and TwigVLM TTP prefill.
 
-    python -m harness.shape_check [--budgets 192 128 64] [--samples 8] [--repeats 3]   # on a GPU
-    python -m harness.shape_check --tiny           # anywhere (the default without a GPU)
+    python -m tools.shape_check [--budgets 192 128 64] [--samples 8] [--repeats 3]   # on a GPU
+    python -m tools.shape_check --tiny           # anywhere (the default without a GPU)
 
 Random weights say nothing about accuracy; the point is the physical figure beside the speed:
 prefill time (median of repeats, CUDA synchronised) next to the measured tokens per layer and the

@@ -1,7 +1,7 @@
 """Evaluate a trained embedded model on the test split and install it, with its model card, as the
 project's embedded default.
 
-    python -m harness.models.publish_embedded build/train-embedded/final
+    python -m tools.publish_embedded build/train-embedded/final
 
 Accuracy per question type (through the engine, greedy) is written next to two floors: always
 answering the train split's most frequent answer of that type, and the same model with every
@@ -60,7 +60,7 @@ def evaluate(model_dir: str, per_type: int) -> dict:
 def stage_text(stage: dict, i: int) -> str:
     a = stage["args"]
     if not a.get("init_from"):
-        cmd = (f"python -m harness.models.train_embedded --out build/train-embedded --vision-steps "
+        cmd = (f"python -m tools.train_embedded --out build/train-embedded --vision-steps "
                f"{a['vision_steps']} --steps {a['steps']} --batch {a['batch']} --lr {a['lr']} "
                f"--aux-weight {a['aux_weight']} --drop-from {a['drop_from']} --seed {a['seed']}")
         what = (f"from scratch: {a['vision_steps']} vision-only steps with auxiliary per-patch "
@@ -69,7 +69,7 @@ def stage_text(stage: dict, i: int) -> str:
                 f"{a['drop_from']} on, half of the conversations lose a random fraction of their visual tokens")
     else:
         weights = ",".join(f"{k}={v:g}" for k, v in (a.get("type_weights") or {}).items())
-        cmd = (f"python -m harness.models.train_embedded --out build/finetune-embedded --init-from "
+        cmd = (f"python -m tools.train_embedded --out build/finetune-embedded --init-from "
                f"build/train-embedded/final --steps {a['steps']} --lr {a['lr']} --warmup {a['warmup']} "
                f"--drop-from {a['drop_from']} --object-drop {a['object_drop']}"
                + (f" --type-weights {weights}" if weights else "") + (" --turn-mean" if a.get("turn_mean") else "")

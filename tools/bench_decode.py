@@ -1,6 +1,6 @@
 """Decode-speed benchmark of self-speculative decoding on the embedded long-description task.
 
-    python -m harness.bench [--samples 12] [--max-new-tokens 64] [--twig embedded]
+    python -m tools.bench_decode [--samples 12] [--max-new-tokens 64] [--twig embedded]
 
 Prints, from one process on the same samples (rows interleaved, median of --repeats passes):
 tokens/s of greedy, SSD, TTP+SSD, FastV and TTP

@@ -1,6 +1,6 @@
 """Train the embedded tiny LLaVA from scratch on the synthetic benchmark's train split.
 
-    python -m harness.models.train_embedded --out build/train-embedded --steps 6000
+    python -m tools.train_embedded --out build/train-embedded --steps 6000
 
 Two stages, both resumable from `<out>/ckpt.pt` (written every --ckpt-every steps; rerun the same
 command after an interruption):
