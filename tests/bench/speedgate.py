@@ -65,7 +65,7 @@ class Gate:
     def __init__(self, update: bool):
         self.update = update
         self.expected = json.loads(EXPECTED.read_text()) if EXPECTED.is_file() else {}
-        self.tolerance = self.expected.get("tolerance", 0.1)
+        self.tolerance = self.expected.get("tolerance", 0.06)
         self.measured: dict = {"ratios": {}, "proxies": {}}
 
     def _expected(self, section: str, name: str):
