@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        from harness.runner import run_experiment, summary_table
+        from harness.sweep import run_experiment, summary_table
         from reports.build import build_report
 
         t0 = time.perf_counter()

@@ -38,9 +38,10 @@ from pathlib import Path
 
 import yaml
 
+import methods as plugins  # noqa: F401  (registers the methods and the draft models)
+from harness.contract import REGISTRY, MethodError, ModelShape, build_method, draft_source
 from harness.data import DATASETS, DatasetError
 from harness.models.adapter import ATTN_IMPLEMENTATIONS, DTYPES, ModelError, read_shape, resolve_model_path
-from methods import REGISTRY, MethodError, ModelShape, build_method
 
 
 class ExperimentError(ValueError):
@@ -83,10 +84,9 @@ def parse_decoding(value, where: str) -> dict | None:
     if isinstance(out["theta"], bool) or not isinstance(out["theta"], (int, float)) or not 0 <= out["theta"] <= 1:
         raise ExperimentError(f"{where}: decoding theta {out['theta']!r}; allowed: a number in [0, 1]")
     try:
-        from methods.twigvlm.ttp import resolve_twig
-        resolve_twig(out["twig"])
+        draft_source().resolve(out["twig"])
     except MethodError as e:
-        raise ExperimentError(f"{where}: decoding: {str(e).replace('twigvlm: ', '')}") from None
+        raise ExperimentError(f"{where}: decoding: {e}") from None
     return out
 
 
@@ -105,6 +105,11 @@ class Cell:
     generation: dict = field(default_factory=lambda: dict(SECTIONS["generation"]))
     timing: dict = field(default_factory=lambda: dict(SECTIONS["timing"]))
     prefix: str = ""  # "model/dataset:split " when the sweep has several models or datasets
+
+    @property
+    def is_reference(self) -> bool:
+        """The cell the others of its (model, dataset) group are compared with: greedy baseline."""
+        return self.method == "baseline" and not self.decoding
 
     @property
     def series(self) -> str:

@@ -38,8 +38,9 @@ import statistics
 
 import numpy as np
 
+from harness.records import TIMES, SampleRecord
+
 BOOTSTRAP = 2000
-TIMES = ("vision_ms", "select_ms", "prefill_ms", "ttft_ms", "e2e_ms")
 
 
 # ---- clock-free proxies ---------------------------------------------------------------------
@@ -79,13 +80,13 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def repeat_stats(records: list[dict]) -> list[dict]:
+def repeat_stats(records: list[SampleRecord]) -> list[dict]:
     """One dict of cell-level timing statistics per repeat."""
-    n = len(records[0]["timings"])
+    n = len(records[0].timings)
     out = []
     for j in range(n):
-        t = [r["timings"][j] for r in records]
-        tok = [r["decode_tokens"] for r in records]
+        t = [r.timings[j] for r in records]
+        tok = [r.decode_tokens for r in records]
         dec_s = sum(x["decode_ms"] for x in t) / 1e3
         ratios = [k / (x["decode_ms"] / 1e3) for k, x in zip(tok, t) if k > 0 and x["decode_ms"] > 0]
         stats = {k: _median([x[k] for x in t]) for k in TIMES}
@@ -95,7 +96,7 @@ def repeat_stats(records: list[dict]) -> list[dict]:
     return out
 
 
-def timing_metrics(records: list[dict]) -> dict:
+def timing_metrics(records: list[SampleRecord]) -> dict:
     per = repeat_stats(records)
     m = {}
     for k in per[0]:
@@ -106,14 +107,14 @@ def timing_metrics(records: list[dict]) -> dict:
     return m
 
 
-def align(records: list[dict], baseline: list[dict]) -> tuple[list[dict], list[dict]]:
-    base = {r["uid"]: r for r in baseline}
-    common = [r for r in records if r["uid"] in base]
-    return common, [base[r["uid"]] for r in common]
+def align(records: list[SampleRecord], baseline: list[SampleRecord]) -> tuple[list[SampleRecord], list[SampleRecord]]:
+    base = {r.uid: r for r in baseline}
+    common = [r for r in records if r.uid in base]
+    return common, [base[r.uid] for r in common]
 
 
-def _timing_arrays(recs: list[dict], key: str) -> np.ndarray:
-    return np.array([[t[key] for t in r["timings"]] for r in recs], dtype=float)  # (samples, repeats)
+def _timing_arrays(recs: list[SampleRecord], key: str) -> np.ndarray:
+    return np.array([[t[key] for t in r.timings] for r in recs], dtype=float)  # (samples, repeats)
 
 
 def _speedup_stat(key: str):
@@ -126,14 +127,14 @@ def _speedup_stat(key: str):
     return stat
 
 
-def speedup(records: list[dict], baseline: list[dict], key: str, seed: int = 0) -> tuple[float, float, float]:
+def speedup(records: list[SampleRecord], baseline: list[SampleRecord], key: str, seed: int = 0) -> tuple[float, float, float]:
     """(point, low, high): the cell's speedup over the baseline for `key` (a TIMES entry or
     'decode'), point from per-sample medians over repeats, 95 % bootstrap interval."""
     cell, base = align(records, baseline)
     col = "decode_ms" if key == "decode" else key
     ct, bt = _timing_arrays(cell, col), _timing_arrays(base, col)
-    ck = np.array([r["decode_tokens"] for r in cell], dtype=float)
-    bk = np.array([r["decode_tokens"] for r in base], dtype=float)
+    ck = np.array([r.decode_tokens for r in cell], dtype=float)
+    bk = np.array([r.decode_tokens for r in base], dtype=float)
     stat = _speedup_stat(key)
     point = stat(np.median(bt, 1), bk, np.median(ct, 1), ck)
     rng = np.random.default_rng(seed)
@@ -151,30 +152,29 @@ def speedup(records: list[dict], baseline: list[dict], key: str, seed: int = 0) 
     return float(point), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
-def accuracy_diff(records: list[dict], baseline: list[dict], seed: int = 0) -> tuple[float, float, float]:
+def accuracy_diff(records: list[SampleRecord], baseline: list[SampleRecord], seed: int = 0) -> tuple[float, float, float]:
     """Mean paired score difference (cell - baseline) and its 95 % paired-bootstrap interval."""
     cell, base = align(records, baseline)
-    d = np.array([c["score"] - b["score"] for c, b in zip(cell, base)], dtype=float)
+    d = np.array([c.score - b.score for c, b in zip(cell, base)], dtype=float)
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), (BOOTSTRAP, len(d)))].mean(1)
     return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def paired_reference(records: list[dict]) -> list[dict]:
+def paired_reference(records: list[SampleRecord]) -> list[SampleRecord]:
     """The baseline timings taken beside each sample of a cell (timing.paired), as records."""
-    return [{"uid": r["uid"], "decode_tokens": r["baseline_decode_tokens"], "timings": r["baseline_timings"]}
-            for r in records]
+    return [r.paired_reference() for r in records]
 
 
-def relative_metrics(records: list[dict], baseline: list[dict]) -> dict:
+def relative_metrics(records: list[SampleRecord], baseline: list[SampleRecord]) -> dict:
     cell, base = align(records, baseline)
     if not cell:
         return {}
-    timed_base = paired_reference(cell) if "baseline_timings" in cell[0] else base
-    acc = statistics.fmean(r["score"] for r in cell)
-    base_acc = statistics.fmean(r["score"] for r in base)
+    timed_base = paired_reference(cell) if cell[0].baseline_timings is not None else base
+    acc = statistics.fmean(r.score for r in cell)
+    base_acc = statistics.fmean(r.score for r in base)
     m = {"relative_accuracy": acc / base_acc if base_acc > 0 else float("nan"),
-         "agreement_with_baseline": statistics.fmean(float(c["prediction"] == b["prediction"])
+         "agreement_with_baseline": statistics.fmean(float(c.prediction == b.prediction)
                                                      for c, b in zip(cell, base))}
     m["accuracy_diff"], m["accuracy_diff_ci_low"], m["accuracy_diff_ci_high"] = accuracy_diff(cell, base)
     for name, key in (("prefill", "prefill_ms"), ("ttft", "ttft_ms"), ("e2e", "e2e_ms"), ("decode", "decode")):

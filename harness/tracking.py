@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.records import SampleRecord
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -147,16 +149,16 @@ class SweepStore:
                 self.client.delete_run(r.info.run_id)
         return done
 
-    def records(self, run_id: str) -> list[dict]:
+    def records(self, run_id: str) -> list[SampleRecord]:
         with tempfile.TemporaryDirectory() as d:
             local = self.mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples.jsonl",
                                                              dst_path=d, tracking_uri=self.uri)
-            return [json.loads(line) for line in Path(local).read_text().splitlines() if line]
+            return [SampleRecord.from_json(json.loads(line)) for line in Path(local).read_text().splitlines() if line]
 
     def metrics(self, run_id: str) -> dict:
         return dict(self.client.get_run(run_id).data.metrics)
 
-    def log_cell(self, name: str, tags: dict, params: dict, metrics: dict, records: list[dict]) -> str:
+    def log_cell(self, name: str, tags: dict, params: dict, metrics: dict, records: list[SampleRecord]) -> str:
         """One child run, FINISHED only once everything is logged (a kill leaves it RUNNING)."""
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={**tags, "role": "cell", "mlflow.parentRunId": self.parent_id})
@@ -164,7 +166,7 @@ class SweepStore:
         from mlflow.entities import Param
 
         self.client.log_batch(rid, params=[Param(k, _param(v)) for k, v in params.items()], metrics=_metrics(metrics))
-        _write_artifact(self.mlflow, rid, "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        _write_artifact(self.mlflow, rid, "samples.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in records))
         self.client.set_terminated(rid, "FINISHED")
         return rid
 

@@ -1,57 +1,12 @@
-"""The method contract and the registry.
-
-A method acts at up to two stages of the engine:
-- the vision stage (`vision`): projected visual features in, fewer features out, before the LLM;
-- the layer stage (`select`): after each layer named in `prune_layers` has run in prefill, given
-  that layer's output and an attention-row probe, return which of the current visual tokens the
-  next layers keep. Layer -1 means "on the input embeddings, before layer 0".
-Decoding (greedy or self-speculative) is chosen by the engine, not by the pruning method.
-
-Budgets follow the equal-token convention of the TwigVLM, SparseVLM and VisionZip tables: the
-budget R is the number of visual tokens retained *averaged over all L layers*. Each method turns
-R into its own settings in `configure` and reports them in `params()`.
-"""
+"""Helpers shared by the methods (the contract itself is `harness.contract`, re-exported here):
+the equal-token arithmetic for methods that prune after a layer, and a deterministic top-k."""
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-
-class MethodError(ValueError):
-    """A method name, setting or budget that cannot be used."""
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Retained visual tokens (int >= 1) or pruning ratio (0 <= float < 1); resolved against M."""
-    value: float | int
-
-    @staticmethod
-    def parse(value) -> "Budget":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MethodError(f"budget {value!r} is not a number; allowed: a token count (int >= 1) "
-                              f"or a pruning ratio (float in [0, 1))")
-        if isinstance(value, float) and not 0.0 <= value < 1.0:
-            raise MethodError(f"budget ratio {value!r} is out of range; allowed: a pruning ratio in "
-                              f"[0, 1) or an integer token count")
-        if isinstance(value, int) and value < 1:
-            raise MethodError(f"budget {value!r} tokens is out of range; allowed: at least 1 token")
-        return Budget(value)
-
-    def tokens(self, num_visual: int) -> int:
-        """R: retained visual tokens averaged over layers."""
-        if isinstance(self.value, float):
-            return max(1, round(num_visual * (1.0 - self.value)))
-        if self.value > num_visual:
-            raise MethodError(f"budget {self.value} tokens exceeds the model's {num_visual} visual "
-                              f"tokens; allowed: 1..{num_visual}")
-        return int(self.value)
-
-    def label(self, num_visual: int) -> str:
-        r = self.tokens(num_visual)
-        return f"{r} tokens ({100 * (1 - r / num_visual):.1f}% pruned)"
+from harness.contract import (  # noqa: F401  (re-exported: the contract, as methods and tests name it)
+    REGISTRY, Budget, LayerContext, Method, MethodError, ModelShape, Reduced, Selection, TowerState,
+    VisionContext, build_method, register)
 
 
 def tokens_after_layer(budget_tokens: int, first_pruned: int, num_layers: int, num_visual: int,
@@ -73,121 +28,6 @@ def tokens_after_layer(budget_tokens: int, first_pruned: int, num_layers: int, n
         raise MethodError(f"{method}: budget {budget_tokens} tokens needs {n} > {num_visual} tokens "
                           f"after layer {first_pruned}; allowed: a smaller budget or a larger K")
     return max(1, n)
-
-
-@dataclass
-class ModelShape:
-    num_layers: int
-    num_visual: int
-
-
-@dataclass
-class LayerContext:
-    """What a method sees after a prefill layer: the state of the pruned sequence.
-
-    The visual tokens always form one contiguous block of rows (text before and after the image is
-    never pruned; recycled or merged tokens sit at the end of the block)."""
-    layer: int  # the layer that just ran (-1: input embeddings)
-    hidden: torch.Tensor  # (1, S, D) that layer's output
-    visual_rows: torch.Tensor  # (V,) rows of `hidden` that are visual tokens, ascending
-    patch_ids: torch.Tensor  # (V,) original visual index (0..M-1) each of those rows stands for
-    attention: Callable[[torch.Tensor], torch.Tensor] | None  # rows -> (n, S) head-mean probs
-    shape: ModelShape
-    sample: object = None  # the dataset sample (the oracle reads its patch annotations)
-    positions: torch.Tensor | None = None  # (S,) position ids of the rows
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary (cos, sin) of the rows
-    grids: list[torch.Tensor] | None = None  # the visual tokens' spatial grids (ModelAdapter.grids)
-
-    @property
-    def text_after(self) -> torch.Tensor:
-        """Rows after the image (the question and the assistant prefix)."""
-        start = int(self.visual_rows[-1]) + 1 if len(self.visual_rows) else self.hidden.shape[1]
-        return torch.arange(start, self.hidden.shape[1], device=self.hidden.device)
-
-
-@dataclass
-class Selection:
-    """A layer-stage answer richer than a keep index: new tokens (e.g. recycled clusters) placed
-    after the kept visual tokens, with their position ids and the patches each one merges."""
-    keep: torch.Tensor  # indices into ctx.visual_rows
-    added_hidden: torch.Tensor | None = None  # (n, D)
-    added_positions: torch.Tensor | None = None  # (n,)
-    added_patch_ids: torch.Tensor | None = None  # (n,) the patch each new token stands for
-    merged: dict[int, list[int]] = field(default_factory=dict)  # patch id -> patches merged into it
-
-
-@dataclass
-class TowerState:
-    """Vision-tower internals at the layer whose output the model feeds to the projector, for each
-    of the P images the tower encodes for a sample (LLaVA: 1; LLaVA-NeXT: base + crops; video: frames)."""
-    hidden: torch.Tensor  # (P, N+1, Dv) that layer's output, CLS first
-    cls_attention: torch.Tensor  # (P, H, N+1) that layer's softmax attention of the CLS query, per head
-    keys: torch.Tensor  # (P, N+1, Dv/H) that layer's key vectors, averaged over heads
-    token_index: torch.Tensor  # (P, N+1) each tower token's index among the M visual tokens (-1: none)
-
-
-@dataclass
-class VisionContext:
-    """What a method sees at the vision stage; each part is computed on first use."""
-    default_features: Callable[[], torch.Tensor]  # (M, D) the visual tokens the model would use
-    tower_state: Callable[[], TowerState]
-    project: Callable[[torch.Tensor], torch.Tensor]  # (n, Dv) tower features -> (n, D) LLM tokens
-    shape: ModelShape
-    sample: object = None
-    grids: Callable[[], list[torch.Tensor]] | None = None  # the visual tokens' spatial grids
-
-
-@dataclass
-class Reduced:
-    """A vision-stage answer: the tokens the LLM sees instead of the M visual tokens."""
-    features: torch.Tensor  # (M', D)
-    patch_ids: torch.Tensor  # (M',) the patch each token stands for (-1: the CLS token)
-    merged: dict[int, list[int]] = field(default_factory=dict)  # patch id -> patches merged into it
-
-
-class Method:
-    """Keeps every token (the baseline). Subclasses override the stages they use."""
-    name = "baseline"
-    budgeted = False  # whether the method takes a budget
-    prune_layers: tuple[int, ...] = ()
-
-    def __init__(self, budget: Budget | None = None):
-        if self.budgeted and budget is None:
-            raise MethodError(f"{self.name} needs a budget (tokens or pruning ratio)")
-        if not self.budgeted and budget is not None:
-            raise MethodError(f"{self.name} takes no budget (got {budget.value!r})")
-        self.budget = budget
-        self.shape: ModelShape | None = None
-
-    @classmethod
-    def allowed_settings(cls) -> tuple[str, ...]:
-        return ()
-
-    def bind(self, adapter) -> None:
-        """Load what the method needs from the model (e.g. TwigVLM's twig); called before configure."""
-
-    def configure(self, shape: ModelShape) -> None:
-        """Turn the budget into this method's settings for a model; raise MethodError if impossible."""
-        self.shape = shape
-
-    def params(self) -> dict:
-        """Settings as logged: the requested budget and what the method made of it."""
-        p = {"method": self.name}
-        if self.budget is not None and self.shape is not None:
-            p["budget_tokens"] = self.budget.tokens(self.shape.num_visual)
-            p["budget_ratio"] = round(1 - p["budget_tokens"] / self.shape.num_visual, 4)
-        return p
-
-    def vision(self, ctx: VisionContext) -> Reduced | None:
-        """Optionally replace the M visual tokens before the LLM; None keeps them."""
-        return None
-
-    def prepare(self, ctx: LayerContext) -> None:
-        """Called once per prompt on the input embeddings (layer -1), before any layer runs."""
-
-    def select(self, ctx: LayerContext) -> torch.Tensor | Selection:
-        """Indices into ctx.visual_rows of the visual tokens to keep (any order), or a Selection."""
-        return torch.arange(len(ctx.visual_rows))
 
 
 class LayerBudgetMethod(Method):
@@ -228,25 +68,3 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = max(0, min(k, scores.numel()))
     order = torch.argsort(scores.float(), descending=True, stable=True)
     return order[:k]
-
-
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-register(Method)
-
-
-def build_method(name: str, budget=None, **settings) -> Method:
-    if name not in REGISTRY:
-        raise MethodError(f"unknown method {name!r}; allowed: {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name]
-    unknown = sorted(set(settings) - set(cls.allowed_settings()))
-    if unknown:
-        raise MethodError(f"{name}: unknown setting(s) {', '.join(map(repr, unknown))}; "
-                          f"allowed: {', '.join(cls.allowed_settings()) or 'none'}")
-    return REGISTRY[name](Budget.parse(budget) if budget is not None else None, **settings)

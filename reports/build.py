@@ -6,15 +6,27 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.data.synthetic import QUESTION_TYPES
+from harness.records import METRICS
 from harness.tracking import DEFAULT_TRACKING_URI, cell_runs
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
-TYPES = ("attribute", "count", "exist", "position", "text", "describe")
+
+
+def question_types(runs: pd.DataFrame) -> list[str]:
+    """The question types the cells report accuracy for (metrics accuracy_<type>), the embedded
+    benchmark's in its own order first."""
+    found = {c[len("metrics.accuracy_"):] for c in runs.columns
+             if c.startswith("metrics.accuracy_") and c[len("metrics."):] not in METRICS}
+    return [t for t in QUESTION_TYPES if t in found] + sorted(found - set(QUESTION_TYPES))
 
 
 def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per cell, sorted by method then budget (most tokens first)."""
     def col(name, default=float("nan")):
+        if name.startswith("metrics.") and name[len("metrics."):] not in METRICS \
+                and not name.startswith("metrics.accuracy_"):
+            raise KeyError(f"{name} is not a metric the cells log (harness.records.METRICS)")
         return runs[name] if name in runs else pd.Series(default, index=runs.index)
 
     table = pd.DataFrame({
@@ -23,7 +35,7 @@ def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
         "budget_tokens": pd.to_numeric(col("params.budget_tokens"), errors="coerce"),
         "accuracy": col("metrics.accuracy"),
         "relative_accuracy": col("metrics.relative_accuracy"),
-        **{f"acc_{t}": col(f"metrics.accuracy_{t}") for t in TYPES},
+        **{f"acc_{t}": col(f"metrics.accuracy_{t}") for t in question_types(runs)},
         "prefill_ms": col("metrics.prefill_ms"),
         "prefill_speedup": col("metrics.prefill_speedup"),
         "prefill_speedup_ci_low": col("metrics.prefill_speedup_ci_low"),

@@ -109,7 +109,7 @@ def test_ssd_cells_run_and_report_acceptance(tiny_llava_dir, tmp_path):
     from harness.data import load_samples
     from harness.experiment import Cell
     from harness.models.adapter import load_model
-    from harness.runner import run_cell
+    from harness.cell import run_cell
     from methods.twigvlm.twig import Twig, save_twig
 
     adapter = load_model(tiny_llava_dir)
@@ -120,7 +120,7 @@ def test_ssd_cells_run_and_report_acceptance(tiny_llava_dir, tmp_path):
     for method, budget, settings in (("baseline", None, {}), ("fastv", 0.5, {"K": 1})):
         greedy = run_cell(adapter, Cell(method, settings, budget), samples, inputs, 8, 0)
         spec = run_cell(adapter, Cell(method, settings, budget, ssd), samples, inputs, 8, 0)
-        assert [r["tokens"] for r in spec.records] == [r["tokens"] for r in greedy.records]
+        assert [r.tokens for r in spec.records] == [r.tokens for r in greedy.records]
         assert spec.params["decoding"] == "ssd" and greedy.params["decoding"] == "greedy"
         assert 0 <= spec.metrics["acceptance_rate"] <= 1 and spec.metrics["mean_accepted_length"] >= 1
         assert spec.metrics["target_forwards_per_token"] <= 1

@@ -5,16 +5,17 @@ import pytest
 import torch
 
 from harness import measure
+from harness.records import SampleRecord
 
 
 def records(times, tokens, scores=None, key="prefill_ms"):
     """Records with per-repeat timings (samples x repeats)."""
     out = []
     for i, (row, k) in enumerate(zip(times, tokens)):
-        out.append({"uid": f"s{i}", "score": 1.0 if scores is None else scores[i], "prediction": str(i),
-                    "decode_tokens": k,
-                    "timings": [{"vision_ms": 1.0, "select_ms": 0.0, "prefill_ms": t, "ttft_ms": t + 1.0,
-                                 "e2e_ms": t + 1.0 + 2 * t, "decode_ms": 2 * t} for t in row]})
+        out.append(SampleRecord(uid=f"s{i}", score=1.0 if scores is None else scores[i], prediction=str(i),
+                                decode_tokens=k,
+                                timings=[{"vision_ms": 1.0, "select_ms": 0.0, "prefill_ms": t, "ttft_ms": t + 1.0,
+                                          "e2e_ms": t + 1.0 + 2 * t, "decode_ms": 2 * t} for t in row]))
     return out
 
 
@@ -98,18 +99,18 @@ def test_paired_timing_times_the_baseline_beside_every_sample(tiny_llava_dir):
     from harness.data import load_samples
     from harness.experiment import Cell
     from harness.models.adapter import load_model
-    from harness.runner import run_cell
+    from harness.cell import run_cell
 
     adapter = load_model(tiny_llava_dir)
     samples = load_samples("shapes", "val", 2)
     inputs = [adapter.inputs(s.image, s.question) for s in samples]
     timing = {"warmup": 0, "repeats": 2, "paired": True}
     base = run_cell(adapter, Cell("baseline", {}, None, timing=timing), samples, inputs, 3)
-    assert "baseline_timings" not in base.records[0]  # the reference itself is not paired
+    assert base.records[0].baseline_timings is None  # the reference itself is not paired
     cell = run_cell(adapter, Cell("random", {}, 60, timing=timing), samples, inputs, 3, baseline=base.records)
     r = cell.records[0]
-    assert len(r["baseline_timings"]) == len(r["timings"]) == 2
-    assert r["baseline_decode_tokens"] == base.records[0]["decode_tokens"]
+    assert len(r.baseline_timings) == len(r.timings) == 2
+    assert r.baseline_decode_tokens == base.records[0].decode_tokens
     # the speedups use the paired timings, not the baseline cell's
     p, _, _ = measure.speedup(cell.records, measure.paired_reference(cell.records), "prefill_ms")
     assert cell.metrics["prefill_speedup"] == p and cell.params["paired_timing"] is True

@@ -13,7 +13,7 @@ import yaml
 
 from harness.cli import main
 from harness.experiment import load_experiment
-from harness.runner import run_experiment
+from harness.sweep import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,11 +138,11 @@ def test_ray_executor_runs_every_cell_as_a_task_into_the_same_store(tiny_llava_d
 
 
 def test_each_model_is_loaded_once_for_all_its_cells(tiny_llava_dir, tmp_path, monkeypatch):
-    import harness.runner as runner
+    import harness.executors as executors
 
     loads = []
-    real = runner.load_model
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = executors.load_model
+    monkeypatch.setattr(executors, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
     p = tmp_path / "two.yaml"
     p.write_text(yaml.safe_dump({
         "experiment": "two-models", "models": [{"path": tiny_llava_dir}, {"path": tiny_llava_dir, "attn_implementation": "eager"}],

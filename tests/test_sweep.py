@@ -92,7 +92,7 @@ def test_relative_metrics_need_a_baseline_cell(tiny_llava_dir):
     from harness.data import load_samples
     from harness.experiment import Cell
     from harness.models.adapter import load_model
-    from harness.runner import run_cell
+    from harness.cell import run_cell
 
     adapter = load_model(tiny_llava_dir)
     samples = load_samples("shapes", "val", 1)

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from harness.contract import LayerContext, Method, ModelShape, Reduced, Selection, VisionContext
+from harness.layers import Rows, attention_rows, forward
 from harness.models.adapter import ModelAdapter
-from methods.base import LayerContext, Method, ModelShape, Reduced, Selection, VisionContext
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -27,43 +28,6 @@ from methods.base import LayerContext, Method, ModelShape, Reduced, Selection, V
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def additive_causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
-    """(1, 1, q, kv) additive mask, causal and aligned bottom-right (query i sees keys <= kv_len - q_len + i)."""
-    allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
-    mask = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
-
-
-def causal_mask(adapter: ModelAdapter, q_len: int, kv_len: int, dtype, device) -> torch.Tensor | None:
-    """The additive causal mask, or None where the attention kernel needs none: a single query sees
-    its whole cache, and SDPA applies its own causal mask when there are as many queries as keys."""
-    if q_len == 1 or (q_len == kv_len and adapter.attn_implementation == "sdpa"):
-        return None
-    return additive_causal_mask(q_len, kv_len, dtype, device)
-
-
-def attention_rows(layer, layer_input: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   keys: torch.Tensor) -> torch.Tensor:
-    """Head-averaged softmax attention of `rows` at a layer, without eager attention.
-
-    softmax(q_rows . K^T / sqrt(d)) from the layer's own q projection (after its input norm and
-    RoPE) and its cached keys (already rotated; GQA groups repeated), with the causal mask: row r of
-    the current sequence sees keys 0..r + (cache length - sequence length). Returns (n_rows, S).
-    """
-    attn = layer.self_attn
-    x = layer.input_layernorm(layer_input[:, rows])
-    q = attn.q_proj(x).view(1, len(rows), -1, attn.head_dim).transpose(1, 2)  # (1, H, n, d)
-    c, s = cos[:, rows].unsqueeze(1), sin[:, rows].unsqueeze(1)
-    half = q.shape[-1] // 2
-    q = q * c + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * s
-    k = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # (1, H, S, d)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (1, H, n, S)
-    offset = k.shape[2] - layer_input.shape[1]
-    key_pos = torch.arange(k.shape[2], device=k.device)
-    scores = scores.masked_fill(key_pos[None, :] > (rows[:, None] + offset), float("-inf"))
-    return scores.softmax(-1).mean(dim=1)[0]
 
 
 # ------------------------------------------------------------------------------ records
@@ -120,12 +84,8 @@ def encode_vision(adapter: ModelAdapter, pixel_values: torch.Tensor, method: Met
 
 
 @dataclass
-class Sequence:
+class Sequence(Rows):
     """The (possibly pruned) rows entering the next layer, and what prefill has logged so far."""
-    hidden: torch.Tensor  # (1, S, D)
-    positions: torch.Tensor  # (S,) position ids
-    cos: torch.Tensor
-    sin: torch.Tensor
     visual_rows: torch.Tensor  # one contiguous block starting at `start`
     patch_ids: torch.Tensor
     start: int  # rows before the image (never pruned)
@@ -200,7 +160,6 @@ def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache: Dyna
     """Backbone layers first..last-1 over `seq` (appending to their caches), pruning after the
     method's layers; `before_prune(i, seq)` sees each layer's output before any pruning.
     first == 0 also runs the method's prepare hook and its pruning on the input embeddings."""
-    device = seq.hidden.device
     if first == 0:
         ts = time.perf_counter()
         method.prepare(seq.context(-1, None))
@@ -209,24 +168,17 @@ def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache: Dyna
             before_prune(-1, seq)
         if -1 in method.prune_layers:
             prune(adapter, seq, method, -1, None)
-    for i in range(first, last):
-        layer = adapter.layers[i]
-        seq.visual_per_layer.append(len(seq.visual_rows))
-        layer_input = seq.hidden
-        q = seq.hidden.shape[1]
-        mask = causal_mask(adapter, q, cache.get_seq_length(i) + q, seq.hidden.dtype, device)
-        seq.hidden = layer(seq.hidden, attention_mask=mask, position_ids=seq.positions[None],
-                           position_embeddings=(seq.cos, seq.sin), cache=cache)
+
+    def after(layer, layer_input):
+        i = layer.self_attn.layer_idx
+        seq.visual_per_layer.append(len(seq.visual_rows))  # what layer i processed (pruning follows)
         if before_prune is not None:
             before_prune(i, seq)
         if i in method.prune_layers:
             keys, c, s = cache.layers[i].keys, seq.cos, seq.sin
+            prune(adapter, seq, method, i, lambda rows: attention_rows(layer, layer_input, rows, c, s, keys))
 
-            def probe(rows, _layer=layer, _x=layer_input, _k=keys, _c=c, _s=s):
-                return attention_rows(_layer, _x, rows, _c, _s, _k)
-
-            prune(adapter, seq, method, i, probe)
-    return seq
+    return forward(adapter.layers[first:last], seq, cache, adapter.implicit_causal, after)
 
 
 def start_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
@@ -262,14 +214,9 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
 def decode_step(adapter: ModelAdapter, token: int, position: int, cache: DynamicCache) -> torch.Tensor:
     """One token through every layer; each layer attends to everything it cached."""
     with torch.no_grad():
-        device = adapter.device
-        hidden = adapter.embed(torch.tensor([[token]], device=device))
-        pos = torch.tensor([[position]], device=device)
-        cos, sin = adapter.rotary(hidden, pos)
-        for layer in adapter.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=pos,
-                           position_embeddings=(cos, sin), cache=cache)
-        return adapter.logits(hidden)[0, -1]
+        rows = adapter.rows([token], position)
+        forward(adapter.layers, rows, cache, adapter.implicit_causal)
+        return adapter.logits(rows.hidden)[0, -1]
 
 
 def generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,

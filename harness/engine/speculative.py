@@ -12,9 +12,13 @@ inputs the draft computed for its tokens are reused by the verification instead 
 After a round with P the unpruned prompt length and o the tokens output so far, layers 0..K-1 and
 the twig hold P + o - 1 entries, the deeper layers what they kept of the prompt plus o - 1: the
 last (correction) token is not cached, it is the next round's input. The first round is fused with
-the target's deep prefill (prompt rows and drafts in one forward) unless the method prunes after
-layer K with scores that read the prompt's last rows (SparseVLM's later stages), where the deep
-prefill runs alone first.
+the target's deep prefill (prompt rows and drafts in one forward) unless the method says it cannot
+be (`Method.fuses_first_round`: it prunes after layer K with scores that read the prompt's last
+rows, as SparseVLM's later stages do), where the deep prefill runs alone first.
+
+Stages, each a plain function: shallow_prefill (layers 0..K-1 and the twig over the prompt, or the
+method's own twig pass) -> [deep prefill] -> rounds of propose (draft) -> verify (one deep forward)
+-> accept (longest agreeing prefix) -> rollback (crop the caches).
 """
 from __future__ import annotations
 
@@ -24,9 +28,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from harness.engine.generate import Record, additive_causal_mask, causal_mask, run_layers, start_prompt, sync
+from harness.contract import DraftModel, Method
+from harness.engine.generate import Record, Sequence, run_layers, start_prompt, sync
+from harness.layers import Rows, forward
 from harness.models.adapter import ModelAdapter
-from methods.base import Method
 
 
 @dataclass
@@ -47,41 +52,120 @@ class SpecStats:
         return sum(self.rounds) / len(self.rounds) if self.rounds else 0.0
 
 
-def shallow_step(adapter, tokens: list[int], start_pos: int, cache, K: int) -> torch.Tensor:
+@dataclass
+class Draft:
+    """One round's proposal: the drafted tokens and the layer-K inputs of the rows the target
+    verifies (the previous round's correction, if any, then every draft)."""
+    tokens: list[int]
+    rows: list[torch.Tensor]
+    first_position: int  # position of the first verified row
+
+
+# ------------------------------------------------------------------------------ stages
+
+def shallow_step(adapter: ModelAdapter, tokens: list[int], start_pos: int, cache, K: int) -> torch.Tensor:
     """New tokens through layers 0..K-1 (appending to their caches): their layer-K inputs."""
-    device = adapter.device
-    hidden = adapter.embed(torch.tensor([tokens], device=device))
-    pos = torch.arange(start_pos, start_pos + len(tokens), device=device)[None]
-    cos, sin = adapter.rotary(hidden, pos)
-    for i in range(K):
-        q = hidden.shape[1]
-        mask = causal_mask(adapter, q, cache.get_seq_length(i) + q, hidden.dtype, device)
-        hidden = adapter.layers[i](hidden, attention_mask=mask, position_ids=pos,
-                                   position_embeddings=(cos, sin), cache=cache)
-    return hidden
+    return forward(adapter.layers[:K], adapter.rows(tokens, start_pos), cache, adapter.implicit_causal).hidden
 
 
-def twig_step(adapter, twig, hidden: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+def twig_step(adapter: ModelAdapter, twig: DraftModel, hidden: torch.Tensor, positions: torch.Tensor,
+              cache) -> torch.Tensor:
     """Rows through the twig (appending to its cache); the twig's logits at the last row."""
     cos, sin = adapter.rotary(hidden, positions[None])
-    q = hidden.shape[1]
-    past = cache.get_seq_length(0) if len(cache.layers) else 0
-    mask = None if q == 1 else additive_causal_mask(q, past + q, hidden.dtype, hidden.device)
-    for layer in twig.layers:
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions[None],
-                       position_embeddings=(cos, sin), cache=cache)
-    return twig.logits(hidden[:, -1:])[0, -1]
+    rows = forward(twig.layers, Rows(hidden, positions, cos, sin), cache, implicit_causal=False)
+    return twig.logits(rows.hidden[:, -1:])[0, -1]
 
 
-def _crop(cache, layers, n: int) -> None:
-    if n > 0:
-        for i in layers:
-            cache.layers[i].crop(-n)
+def shallow_prefill(adapter: ModelAdapter, seq: Sequence, method: Method, cache, twig: DraftModel):
+    """Layers 0..K-1 over the prompt (with the method's pruning there), then the twig over layer
+    K-1's unpruned output, unless the method already ran that pass: (twig cache, twig logits)."""
+    shallow = {}
+
+    def keep_shallow(i, s):
+        if i == twig.K - 1:
+            shallow["rows"] = Rows(s.hidden, s.positions, s.cos, s.sin)
+
+    run_layers(adapter, seq, method, cache, 0, twig.K, before_prune=keep_shallow)
+    shared = method.take_draft_pass(twig)
+    if shared is not None:
+        return shared.cache, twig.logits(shared.hidden[:, -1:])[0, -1]
+    twig_cache = DynamicCache()
+    return twig_cache, twig_step(adapter, twig, shallow["rows"].hidden, shallow["rows"].positions, twig_cache)
+
+
+def propose(adapter: ModelAdapter, twig: DraftModel, cache, twig_cache, logits: torch.Tensor,
+            correction: int | None, position: int, limit: int, theta: float) -> Draft:
+    """Draft up to `limit` tokens greedily from `logits` (the twig's prediction after the last
+    token it saw), stopping early at EOS or below probability `theta`. The correction token of the
+    previous round goes through layers 0..K-1 and the twig first; every draft goes through layers
+    0..K-1 (its layer-K input is what the target verifies) and all but the last through the twig."""
+    device, K, eos = adapter.device, twig.K, adapter.eos_token_id
+    draft = Draft([], [], position)
+    if correction is not None:
+        h = shallow_step(adapter, [correction], position, cache, K)
+        draft.rows.append(h)
+        logits = twig_step(adapter, twig, h, torch.tensor([position], device=device), twig_cache)
+        position += 1
+    while True:
+        probs = logits.float().softmax(-1)
+        d = int(probs.argmax())
+        draft.tokens.append(d)
+        h = shallow_step(adapter, [d], position, cache, K)
+        draft.rows.append(h)
+        if len(draft.tokens) >= limit or d == eos or float(probs[d]) < theta:
+            return draft
+        logits = twig_step(adapter, twig, h, torch.tensor([position], device=device), twig_cache)
+        position += 1
+
+
+def verify(adapter: ModelAdapter, seq: Sequence, method: Method, cache, draft: Draft, K: int,
+           with_prompt: bool) -> list[int]:
+    """Layers K..L-1 over the draft's rows in one forward (after the prompt's rows, with the
+    method's pruning, when `with_prompt`: the fused first round). The target's greedy token after
+    each verified row, the prompt's last row first when fused."""
+    new = torch.cat(draft.rows, dim=1)
+    new_pos = torch.arange(draft.first_position, draft.first_position + new.shape[1], device=adapter.device)
+    if with_prompt:
+        seq.hidden, seq.positions = torch.cat([seq.hidden, new], dim=1), torch.cat([seq.positions, new_pos])
+        n_new = new.shape[1] + 1  # the prompt's last row predicts the first draft
+    else:  # later rounds only verify: pruning happened at prefill
+        seq.hidden, seq.positions, seq.visual_rows = new, new_pos, seq.visual_rows[:0]
+        n_new, method = new.shape[1], Method()
+    seq.cos, seq.sin = adapter.rotary(seq.hidden, seq.positions[None])
+    run_layers(adapter, seq, method, cache, K, adapter.num_layers)
+    return adapter.logits(seq.hidden[:, -n_new:])[0].argmax(-1).tolist()
+
+
+def accept(drafts: list[int], target: list[int], eos: int) -> tuple[int, list[int]]:
+    """(m, emitted): the longest prefix of drafts the target agrees with (target[j] is its token
+    after the j-th verified row, which drafts[j] claims), then the target's own next token; cut
+    after EOS."""
+    m = 0
+    while m < len(drafts) and drafts[m] == target[m]:
+        m += 1
+    emitted = drafts[:m] + [target[m]]
+    return m, emitted[:emitted.index(eos) + 1] if eos in emitted else emitted
+
+
+def rollback(adapter: ModelAdapter, twig: DraftModel, cache, twig_cache, draft: Draft, m: int) -> None:
+    """Drop the rejected drafts' cache entries (the correction is not cached: it is the next
+    round's input); when every draft was accepted the twig also takes the last one."""
+    rejected = len(draft.tokens) - m
+    if rejected:
+        for i in range(adapter.num_layers):
+            cache.layers[i].crop(-rejected)
+    twig_has = len(draft.tokens) - 1  # drafts the twig processed (all but the last)
+    if m > twig_has:
+        last_pos = draft.first_position + len(draft.rows) - 1
+        twig_step(adapter, twig, draft.rows[-1], torch.tensor([last_pos], device=adapter.device), twig_cache)
+    elif twig_has - m:
+        for i in range(len(twig.layers)):
+            twig_cache.layers[i].crop(-(twig_has - m))
 
 
 def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                         method: Method, twig, max_new_tokens: int = 64, delta: int = 5, theta: float = 0.6,
-                         sample=None, on_round=None) -> tuple[Record, SpecStats]:
+                         method: Method, twig: DraftModel, max_new_tokens: int = 64, delta: int = 5,
+                         theta: float = 0.6, sample=None, on_round=None) -> tuple[Record, SpecStats]:
     """Greedy output of the target (the backbone with `method`'s pruning) drafted by `twig`.
     `on_round(out, cache, twig_cache)` is called after every verification round."""
     K, L, device, eos = twig.K, adapter.num_layers, adapter.device, adapter.eos_token_id
@@ -90,20 +174,8 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
     with torch.no_grad():
         P = seq.hidden.shape[1]
         cache = DynamicCache(config=adapter.model.config.text_config)
-        twig_cache = DynamicCache()
-        shallow_out = {}
-
-        def keep_shallow(i, s):
-            if i == K - 1:
-                shallow_out["h"], shallow_out["pos"] = s.hidden, s.positions
-
-        run_layers(adapter, seq, method, cache, 0, K, before_prune=keep_shallow)
-        if getattr(method, "twig", None) is twig and getattr(method, "twig_cache", None) is not None:
-            twig_cache, logits = method.twig_cache, twig.logits(method.twig_hidden[:, -1:])[0, -1]  # TTP's pass
-            method.twig_cache = None
-        else:
-            logits = twig_step(adapter, twig, shallow_out["h"], shallow_out["pos"], twig_cache)
-        fuse = not any(i >= K for i in method.prune_layers) or getattr(method, "fusable", False)
+        twig_cache, logits = shallow_prefill(adapter, seq, method, cache, twig)
+        fuse = method.fuses_first_round(K)
         out: list[int] = []
         correction = None  # the target's last token: not cached yet, the next round's input
         if not fuse:  # deep prefill alone: its last row gives the first token
@@ -113,65 +185,17 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             out.append(correction)
         first_token_at = time.perf_counter() if out else None
         stats.first_tokens = len(out)
-        no_prune = Method()  # later rounds only verify: pruning happened at prefill
         while len(out) < max_new_tokens and eos not in out:
-            # ---- draft
-            pos = P + len(out) - (1 if correction is not None else 0)  # position of the next new row
-            rows_h = []  # layer-K inputs of the rows the target will verify (after the prompt in round 1)
-            if correction is not None:
-                h = shallow_step(adapter, [correction], pos, cache, K)
-                rows_h.append(h)
-                logits = twig_step(adapter, twig, h, torch.tensor([pos], device=device), twig_cache)
-                pos += 1
-            drafts = []
-            limit = max(1, min(delta, max_new_tokens - len(out)))
-            while True:
-                probs = logits.float().softmax(-1)
-                d = int(probs.argmax())
-                drafts.append(d)
-                if len(drafts) >= limit or d == eos or float(probs[d]) < theta:
-                    break
-                h = shallow_step(adapter, [d], pos + len(drafts) - 1, cache, K)
-                rows_h.append(h)
-                logits = twig_step(adapter, twig, h, torch.tensor([pos + len(drafts) - 1], device=device), twig_cache)
-            last_pos = pos + len(drafts) - 1
-            h_last = shallow_step(adapter, [drafts[-1]], last_pos, cache, K)
-            rows_h.append(h_last)
-            stats.drafted += len(drafts)
-            # ---- verify: layers K..L-1 over [prompt rows (round 1, fused)] + the new rows
-            new = torch.cat(rows_h, dim=1)
-            first_new = P + len(out) - (1 if correction is not None else 0)
-            new_pos = torch.arange(first_new, first_new + new.shape[1], device=device)
-            if fuse and not out:
-                seq.hidden = torch.cat([seq.hidden, new], dim=1)
-                seq.positions = torch.cat([seq.positions, new_pos])
-                seq.cos, seq.sin = adapter.rotary(seq.hidden, seq.positions[None])
-                n_new = new.shape[1] + 1  # the prompt's last row predicts the first draft
-            else:
-                seq.hidden, seq.positions = new, new_pos
-                seq.cos, seq.sin = adapter.rotary(new, new_pos[None])
-                seq.visual_rows = seq.visual_rows[:0]
-                n_new = new.shape[1]
-            run_layers(adapter, seq, method if (fuse and not out) else no_prune, cache, K, L)
+            position = P + len(out) - (1 if correction is not None else 0)  # of the next new row
+            draft = propose(adapter, twig, cache, twig_cache, logits, correction, position,
+                            max(1, min(delta, max_new_tokens - len(out))), theta)
+            stats.drafted += len(draft.tokens)
+            target = verify(adapter, seq, method, cache, draft, K, with_prompt=fuse and not out)
             stats.target_forwards += 1
-            target = adapter.logits(seq.hidden[:, -n_new:])[0].argmax(-1).tolist()
-            # target[j] is the target's token after the j-th verified row; drafts[j] claims it
-            m = 0
-            while m < len(drafts) and drafts[m] == target[m]:
-                m += 1
-            emitted = drafts[:m] + [target[m]]
-            if eos in emitted:
-                emitted = emitted[:emitted.index(eos) + 1]
+            m, emitted = accept(draft.tokens, target, eos)
             stats.accepted += m
             stats.rounds.append(len(emitted))
-            # ---- caches: drop the rejected drafts' entries (the correction is not cached)
-            rejected = len(drafts) - m
-            _crop(cache, range(L), rejected)
-            twig_has = len(drafts) - 1  # drafts the twig processed (all but the last)
-            if m > twig_has:  # every draft accepted: the twig also takes the last one
-                twig_step(adapter, twig, h_last, torch.tensor([last_pos], device=device), twig_cache)
-            else:
-                _crop(twig_cache, range(len(twig.layers)), twig_has - m)
+            rollback(adapter, twig, cache, twig_cache, draft, m)
             out += emitted
             correction = emitted[-1]
             if on_round is not None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from harness.contract import TowerState
+from harness.layers import Rows
 from harness.models.embedded import EMBEDDED_DIR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -152,6 +154,18 @@ class ModelAdapter:
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
+    @property
+    def implicit_causal(self) -> bool:
+        """Whether the attention kernel applies its own causal mask when queries equal keys (SDPA)."""
+        return self.attn_implementation == "sdpa"
+
+    def rows(self, tokens: list[int], start: int) -> Rows:
+        """Token embeddings at consecutive positions from `start`, with their rotary embeddings."""
+        hidden = self.embed(torch.tensor([tokens], device=self.device))
+        positions = torch.arange(start, start + len(tokens), device=self.device)
+        cos, sin = self.rotary(hidden, positions[None])
+        return Rows(hidden, positions, cos, sin)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.language_model.norm(hidden))
 
@@ -227,8 +241,6 @@ class ModelAdapter:
     def tower_state(self, hidden_states):
         """The feature layer's output, CLS-query attention per head, and head-averaged keys, for
         every tower image, computed from its own layer norm and q/k projections (no eager attention)."""
-        from methods.base import TowerState
-
         i = self.feature_layer
         attn = self.vision_layers[i].self_attn
         x = self.vision_layers[i].layer_norm1(hidden_states[i])  # (P, N+1, Dv)

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from harness.contract import DraftPass, register_draft_source
+from harness.layers import Rows, attention_rows, forward
 from methods.base import Method, MethodError, ModelShape, register, top_k_indices
 
 EMBEDDED_TWIG = Path(__file__).resolve().parents[2] / "harness" / "models" / "embedded" / "twigs" / "K1-T2"
@@ -41,11 +43,28 @@ def resolve_twig(path: str) -> Path:
     return p
 
 
+class TwigSource:
+    """Self-speculative decoding's draft models are twigs: a directory, or "embedded"."""
+
+    def resolve(self, spec: str) -> Path:
+        try:
+            return resolve_twig(spec)
+        except MethodError as e:
+            raise MethodError(str(e).removeprefix("twigvlm: ")) from None
+
+    def load(self, path: Path, model):
+        from methods.twigvlm.twig import load_twig
+
+        return load_twig(path, model)
+
+
+register_draft_source(TwigSource())
+
+
 @register
 class TwigTTP(Method):
     name = "twigvlm"
     budgeted = True
-    fusable = True  # FinalWipe reads no scores: SSD may fuse the deep prefill with the first drafts
 
     def __init__(self, budget=None, twig: str = "embedded", final_wipe=_UNSET, K: int | None = None,
                  score_layer: int | None = None):
@@ -63,6 +82,7 @@ class TwigTTP(Method):
         self.twig = None
         self._bound_to = None
         self.backbone_layers = None
+        self._draft_pass: DraftPass | None = None  # the twig's pass over the last prompt
 
     @classmethod
     def allowed_settings(cls):
@@ -108,44 +128,41 @@ class TwigTTP(Method):
                 "final_wipe": self.final_wipe,
                 "score_source": "twig" if self.score_layer is None else f"backbone layer {self.score_layer}"}
 
-    def backbone_scores(self, ctx) -> torch.Tensor:
-        """Ablation: backbone layer j's last-row attention, layers K..j run on everything."""
-        from harness.engine.generate import additive_causal_mask, attention_rows
+    @property
+    def extra_prefill_layers(self) -> int:
+        return self.T if self.twig is not None else 0
 
-        hidden, (cos, sin) = ctx.hidden, ctx.position_embeddings
-        n = hidden.shape[1]
-        mask = additive_causal_mask(n, n, hidden.dtype, hidden.device)
-        scratch = DynamicCache()
-        for j in range(self.K, self.score_layer + 1):
-            layer_input = hidden
-            hidden = self.backbone_layers[j](hidden, attention_mask=mask, position_ids=ctx.positions[None],
-                                             position_embeddings=(cos, sin), cache=scratch)
-        keys = scratch.layers[self.score_layer].keys
-        last = torch.tensor([n - 1], device=hidden.device)
-        return attention_rows(self.backbone_layers[self.score_layer], layer_input, last, cos, sin, keys)[0]
-
-    def twig_prefill(self, ctx):
-        """The twig over the output of layer K-1; returns (last twig layer's scores, cache, output)."""
-        from harness.engine.generate import additive_causal_mask, attention_rows
-
-        hidden = ctx.hidden
+    def last_row_scores(self, layers, ctx, cache) -> tuple[torch.Tensor, Rows]:
+        """`layers` over the whole unpruned sequence at ctx's layer (a fresh `cache`); the last
+        layer's attention of the last row, and the rows it output."""
         cos, sin = ctx.position_embeddings
-        n = hidden.shape[1]
-        mask = additive_causal_mask(n, n, hidden.dtype, hidden.device)
-        cache = DynamicCache()
-        for layer in self.twig.layers:
-            layer_input = hidden
-            hidden = layer(hidden, attention_mask=mask, position_ids=ctx.positions[None],
-                           position_embeddings=(cos, sin), cache=cache)
-        last = torch.tensor([n - 1], device=hidden.device)
-        keys = cache.layers[len(self.twig.layers) - 1].keys
-        scores = attention_rows(self.twig.layers[-1], layer_input, last, cos, sin, keys)[0]
-        return scores, cache, hidden
+        rows = Rows(ctx.hidden, ctx.positions, cos, sin)
+        seen = {}
+        forward(layers, rows, cache, implicit_causal=False, after=lambda layer, x: seen.update(layer=layer, x=x))
+        last = torch.tensor([ctx.hidden.shape[1] - 1], device=ctx.hidden.device)
+        keys = cache.layers[seen["layer"].self_attn.layer_idx].keys
+        return attention_rows(seen["layer"], seen["x"], last, cos, sin, keys)[0], rows
 
     def select(self, ctx) -> torch.Tensor:
         if ctx.layer == self.K - 1:
-            scores, self.twig_cache, self.twig_hidden = self.twig_prefill(ctx)
-            if self.score_layer is not None:
-                scores = self.backbone_scores(ctx)
+            twig_cache = DynamicCache()
+            scores, out = self.last_row_scores(self.twig.layers, ctx, twig_cache)
+            self._draft_pass = DraftPass(twig_cache, out.hidden)
+            if self.score_layer is not None:  # ablation: backbone layer j's attention, layers K..j
+                scores, _ = self.last_row_scores(self.backbone_layers[self.K:self.score_layer + 1], ctx,
+                                                 DynamicCache())
             return top_k_indices(scores[ctx.visual_rows], self.keep_n)
         return torch.zeros(0, dtype=torch.long)  # FinalWipe
+
+    # ---- self-speculative decoding over a TTP-pruned model
+    def own_draft(self, path: Path):
+        return self.twig if self.twig is not None and self.twig_dir == Path(path) else None
+
+    def take_draft_pass(self, draft) -> DraftPass | None:
+        if draft is not self.twig:
+            return None
+        shared, self._draft_pass = self._draft_pass, None
+        return shared
+
+    def fuses_first_round(self, K: int) -> bool:
+        return True  # FinalWipe reads no scores: the deep prefill may run with the first drafts

@@ -1,0 +1,177 @@
+"""One cell: a method (and decoding) on one model over a dataset's samples, timed by the protocol of
+`harness.measure`, into typed records (`harness.records`) and the cell's metrics.
+
+    method = cell.build() -> bind, configure -> per sample: [baseline beside it] + the cell's pass,
+    `timing.repeats` times -> SampleRecord -> aggregate (+ relative figures against the baseline)
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from harness import measure
+from harness.contract import ModelShape, build_method, draft_source
+from harness.data import score
+from harness.engine.generate import generate, sync
+from harness.engine.speculative import speculative_generate
+from harness.experiment import Cell
+from harness.models.adapter import DTYPES, ModelAdapter
+from harness.records import CellResult, SampleRecord
+
+
+_DRAFTS: dict = {}  # (model, draft path) -> draft model, for the model in memory
+
+
+def forget_drafts() -> None:
+    """Drop the loaded draft models (the workspace loads another model)."""
+    _DRAFTS.clear()
+
+
+def draft_for(adapter: ModelAdapter, method, decoding: dict):
+    """The draft model of an SSD cell: the method's own when it holds the one asked for (TTP with
+    the same twig), else loaded once per model."""
+    source = draft_source()
+    path = source.resolve(decoding["twig"])
+    own = method.own_draft(path)
+    if own is not None:
+        return own
+    key = (id(adapter.model), str(path))
+    if key not in _DRAFTS:
+        _DRAFTS[key] = source.load(path, adapter.model)
+    return _DRAFTS[key]
+
+
+def _peak_memory(device) -> dict:
+    if torch.device(device).type == "cuda":
+        return {"peak_gpu_allocated_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20}
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+
+
+def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict], max_new_tokens: int | None = None,
+             warmup: int | None = None, baseline: list[SampleRecord] | None = None, repeats: int | None = None,
+             progress: bool = False) -> CellResult:
+    """One cell over the samples (`inputs`: their processed prompts); every sample is timed
+    `repeats` times (the tokens of the first pass are the record's, the others must match).
+    Relative metrics compare with `baseline`'s records; a baseline cell is its own reference."""
+    max_new_tokens = max_new_tokens or cell.generation["max_new_tokens"]
+    warmup = cell.timing["warmup"] if warmup is None else warmup
+    repeats = repeats or cell.timing["repeats"]
+    method = cell.build()
+    method.bind(adapter)
+    method.configure(ModelShape(adapter.num_layers, adapter.num_visual))
+    ssd = cell.decoding
+    twig = draft_for(adapter, method, ssd) if ssd else None
+    shape = measure.text_shape(adapter.model.config)
+    value_bytes = torch.finfo(DTYPES[adapter.dtype_name]).bits // 8
+    twig_layers = method.extra_prefill_layers
+
+    paired = cell.timing.get("paired") and not cell.is_reference
+    reference = build_method("baseline") if paired else None
+
+    def timed_reference(s, x) -> tuple[dict, int]:
+        """The baseline (greedy, every token) on the same sample, right before the cell's own pass."""
+        sync(adapter.device)
+        t0 = time.perf_counter()
+        rec = generate(adapter, x["input_ids"], x["pixel_values"], reference, max_new_tokens, sample=s)
+        sync(adapter.device)
+        return _timing(rec, (time.perf_counter() - t0) * 1e3), len(rec.tokens) - 1
+
+    def decode(s, x):
+        sync(adapter.device)
+        t0 = time.perf_counter()
+        if not ssd:
+            rec, stats = generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=s), None
+        else:
+            rec, stats = speculative_generate(adapter, x["input_ids"], x["pixel_values"], method, twig,
+                                              max_new_tokens, delta=ssd["delta"], theta=ssd["theta"], sample=s)
+        sync(adapter.device)
+        return rec, stats, (time.perf_counter() - t0) * 1e3
+
+    for s, x in list(zip(samples, inputs))[:warmup]:  # untimed warm-up, results discarded
+        decode(s, x)
+    if adapter.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(adapter.device)
+    records, mismatches = [], 0
+    bar = progress_bar(len(samples) * repeats, cell.label, progress, leave=False, position=1)
+    for s, x in zip(samples, inputs):
+        timings, first, ref_timings, ref_tokens = [], None, [], 0
+        for _ in range(repeats):
+            if paired:
+                t, ref_tokens = timed_reference(s, x)
+                ref_timings.append(t)
+            rec, stats, wall_ms = decode(s, x)
+            timings.append(_timing(rec, wall_ms))
+            if first is None:
+                first = (rec, stats)
+            elif rec.tokens != first[0].tokens:
+                mismatches += 1
+            bar.update()
+        rec, stats = first
+        text_tokens = x["input_ids"].shape[1] - adapter.num_visual
+        spec = {} if stats is None else {"target_forwards": stats.target_forwards, "drafted": stats.drafted,
+                                         "accepted": stats.accepted, "rounds": len(stats.rounds)}
+        paired_fields = {"baseline_timings": ref_timings, "baseline_decode_tokens": ref_tokens} if paired else {}
+        records.append(SampleRecord(
+            uid=s.uid, qtype=s.qtype, question=s.question, answer=s.answer, prediction=rec.text, tokens=rec.tokens,
+            score=score(s, rec.text), new_tokens=len(rec.tokens),
+            decode_tokens=len(rec.tokens) - (1 if stats is None else stats.first_tokens),
+            timings=timings, equal_token_average=rec.equal_token_average,
+            prefill_gflops=measure.prefill_gflops(rec.visual_per_layer, text_tokens, shape, twig_layers,
+                                                  adapter.num_visual),
+            kv_cache_mb=measure.kv_cache_mb(rec.visual_per_layer, text_tokens, shape, value_bytes),
+            visual_per_layer=rec.visual_per_layer, keep={str(k): v for k, v in rec.keep.items()},
+            merged={str(k): {str(p): src for p, src in v.items()} for k, v in rec.merged.items()},
+            **paired_fields, **spec))
+    bar.close()
+    if ssd:
+        params_ssd = {"decoding": "ssd", "ssd_twig": ssd["twig"], "ssd_delta": ssd["delta"],
+                      "ssd_theta": ssd["theta"], "ssd_K": twig.K, "ssd_T": twig.T}
+    else:
+        params_ssd = {"decoding": "greedy"}
+    params = {**method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
+              "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
+              "num_visual": adapter.num_visual, "max_new_tokens": max_new_tokens, "warmup": warmup,
+              "repeats": repeats, "paired_timing": bool(paired), "dataset": cell.dataset["name"], "split": cell.dataset["split"],
+              "cell": cell.label, "series": cell.series, "cell_hash": cell.hash}
+    metrics = {**aggregate(records), **_peak_memory(adapter.device), "repeat_token_mismatches": mismatches}
+    reference = records if cell.is_reference and baseline is None else baseline
+    if reference is not None:
+        metrics.update(measure.relative_metrics(records, reference))
+    return CellResult(cell, params, metrics, records)
+
+
+def _timing(rec, wall_ms: float) -> dict:
+    return {"vision_ms": rec.vision_ms, "select_ms": rec.select_ms, "prefill_ms": rec.prefill_ms,
+            "ttft_ms": rec.vision_ms + rec.prefill_ms, "decode_ms": rec.decode_ms, "e2e_ms": wall_ms}
+
+
+def aggregate(records: list[SampleRecord]) -> dict:
+    """The cell's own figures (no baseline needed): accuracy, timing, proxies, SSD counters."""
+    m = {"accuracy": statistics.fmean(r.score for r in records), "samples": len(records),
+         **measure.timing_metrics(records)}
+    for k in ("equal_token_average", "prefill_gflops", "kv_cache_mb"):
+        m[k] = statistics.fmean(getattr(r, k) for r in records)
+    new = sum(r.new_tokens for r in records)
+    if records[0].drafted is not None:
+        drafted = sum(r.drafted for r in records)
+        m["acceptance_rate"] = sum(r.accepted for r in records) / drafted if drafted else 0.0
+        m["mean_accepted_length"] = new / max(1, sum(r.rounds for r in records))
+        m["target_forwards_per_token"] = sum(r.target_forwards for r in records) / max(1, new)
+    else:
+        m["target_forwards_per_token"] = 1.0  # greedy: one full forward per output token
+    for t in sorted({r.qtype for r in records}):
+        m[f"accuracy_{t}"] = statistics.fmean(r.score for r in records if r.qtype == t)
+    return m
+
+
+def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True, position: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=leave, file=sys.stderr, dynamic_ncols=True,
+                position=position, mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
