@@ -26,7 +26,7 @@ value, method, setting, combination, an exclusion that matches no cell, or an im
 for a model) raises ExperimentError with one line naming the value and what is allowed.
 
 A cell's identity is `Cell.hash`: a hash of its resolved configuration (model, dataset, method,
-settings, budget, decoding, generation, timing), which the runner uses to resume sweeps.
+settings, budget, decoding, generation, timing), which the sweep (harness.sweep) uses to resume.
 """
 from __future__ import annotations
 
