@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create/refresh the virtual environment (.venv)
 
-test: $(STAMP)  ## run every test (the end-to-end ones marked slow included)
+test: $(STAMP)  ## run every test (the slow end-to-end runs and the speed gate in tests/bench included)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)  ## the tests without the slow end-to-end runs and the speed benchmarks
