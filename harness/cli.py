@@ -7,8 +7,12 @@ import sys
 import time
 
 
-def _out(args) -> dict:
-    return {"out_dir": args.report_dir} if args.report_dir else {}
+def _report_dir(args):
+    from pathlib import Path
+
+    from reports.build import default_out_dir
+
+    return Path(args.report_dir) if args.report_dir else default_out_dir()
 
 
 def main(argv=None) -> int:
@@ -24,7 +28,7 @@ def main(argv=None) -> int:
     sw.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     sw.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     sw.add_argument("--no-report", action="store_true")
-    sw.add_argument("--report-dir", default=None, help="default: reports/out/")
+    sw.add_argument("--report-dir", default=None, help="default: reports/out/ in the current folder")
     sw.add_argument("--executor", choices=("local", "ray"), default="local",
                     help="local: cells in this process; ray: each cell a Ray task")
     sw.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start one here)")
@@ -37,7 +41,7 @@ def main(argv=None) -> int:
     rp.add_argument("experiment")
     rp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     rp.add_argument("--run-id", default=None, help="parent (sweep) run id; default: the latest")
-    rp.add_argument("--report-dir", default=None, help="default: reports/out/")
+    rp.add_argument("--report-dir", default=None, help="default: reports/out/ in the current folder")
     args = ap.parse_args(argv)
 
     from harness.experiment import ExperimentError, load_experiment
@@ -48,6 +52,18 @@ def main(argv=None) -> int:
         except ExperimentError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if not args.dry_run:
+            from harness.preflight import PreflightError, check_output_dir, check_ray_address, check_tracking_uri
+
+            try:
+                if not args.no_report:
+                    check_output_dir(_report_dir(args) / exp.name)
+                check_tracking_uri(args.tracking_uri)
+                if args.executor == "ray":
+                    check_ray_address(args.ray_address)
+            except PreflightError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         models = ", ".join(m["path"] for m in exp.models)
         datasets = ", ".join(f"{d['name']}:{d['split']}" for d in exp.datasets)
         print(f"experiment {exp.name!r}: {len(exp.cells)} cells on {models} / {datasets}")
@@ -77,15 +93,17 @@ def main(argv=None) -> int:
                   f"command again to retry them", file=sys.stderr)
             return 1
         if not args.no_report:
-            path = build_report(exp.name, args.tracking_uri, outcome.parent_id, **_out(args))
+            path = build_report(exp.name, args.tracking_uri, outcome.parent_id, _report_dir(args))
             print(f"report: {path}")
         print("browse: make ui  (MLflow UI on http://127.0.0.1:5000)")
         return 0
     if args.command == "report":
+        from harness.preflight import check_output_dir
         from reports.build import build_report
 
         try:
-            print(build_report(args.experiment, args.tracking_uri, args.run_id, **_out(args)))
+            check_output_dir(_report_dir(args) / args.experiment)
+            print(build_report(args.experiment, args.tracking_uri, args.run_id, _report_dir(args)))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -41,6 +41,7 @@ import yaml
 import methods as plugins  # noqa: F401  (registers the methods and the draft models)
 from harness.contract import REGISTRY, MethodError, ModelShape, build_method, draft_source
 from harness.data import DATASETS, DatasetError
+from harness.data.synthetic import SPLITS
 from harness.models.adapter import ATTN_IMPLEMENTATIONS, DTYPES, ModelError, read_shape, resolve_model_path
 
 
@@ -304,6 +305,9 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     for d in datasets:
         if d["name"] not in DATASETS:
             raise ExperimentError(f"{where}: unknown dataset {d['name']!r}; allowed: {', '.join(DATASETS)}")
+        if d["split"] not in SPLITS:
+            raise ExperimentError(f"{where}: unknown split {d['split']!r} of dataset {d['name']!r}; "
+                                  f"allowed: {', '.join(SPLITS)}")
         _check_int(d["samples_per_type"], "dataset.samples_per_type", 1, where)
     _check_int(generation["max_new_tokens"], "generation.max_new_tokens", 1, where)
     _check_int(timing["warmup"], "timing.warmup", 0, where)
@@ -347,14 +351,40 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     return Experiment(name.strip(), models, datasets, generation, timing, cells)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (plain YAML
+    keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen[key] + 1}); allowed: each key once",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Parse and fully validate an experiment file (methods configured against each model's shape)."""
     p = Path(path)
+    if p.is_dir():
+        raise ExperimentError(f"experiment file {str(p)!r} is a directory; allowed: a YAML file (e.g. experiments/default.yaml)")
     if not p.is_file():
         raise ExperimentError(f"experiment file {str(p)!r} not found")
-    text = p.read_text()
     try:
-        raw = yaml.safe_load(text)
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ExperimentError(f"experiment file {str(p)!r} is not text (not UTF-8); allowed: a YAML file") from None
+    except OSError as e:
+        raise ExperimentError(f"experiment file {str(p)!r} cannot be read ({e.strerror}); allowed: a readable YAML file") from None
+    if not text.strip():
+        raise ExperimentError(f"experiment file {str(p)!r} is empty; allowed: a YAML mapping with at least "
+                              f"'experiment' and 'methods' (see experiments/default.yaml)")
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -115,7 +115,7 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, ex
         for r in rs:
             finish(r, references.get(group))
     bar.close()
-    if executor == "local" and outcome.ran:
+    if executor == "local":  # a resumed sweep too, even with nothing left to run
         outcome.drift = closing_pass(ws, exp, outcome, store, log)
     store.close(outcome.ok)
     return outcome
@@ -125,14 +125,17 @@ DRIFT_WARN = 0.10
 
 
 def closing_pass(ws: Workspace, exp: Experiment, outcome: SweepOutcome, store: SweepStore, log) -> dict:
-    """Time the baseline cell(s) of the loaded model again after every other cell: the ratio to
-    their first pass shows how much the machine drifted during the sweep, an uncertainty that the
-    speedup intervals (repeats within a cell) do not contain. Logged on the parent run."""
+    """Time the baseline cell(s) of the model in memory again after every other cell (a resumed
+    sweep with nothing left to run loads its first model for this): the ratio to their first pass
+    shows how much the machine drifted during the sweep, an uncertainty that the speedup intervals
+    (repeats within a cell) do not contain. Logged on the parent run."""
     drift = {}
-    loaded = set(ws.adapters)
-    for cell in exp.cells:
-        if not (cell.is_reference and cell.label in outcome.ran and json.dumps(cell.model, sort_keys=True) in loaded):
-            continue
+    model = lambda c: json.dumps(c.model, sort_keys=True)  # noqa: E731
+    references = [c for c in exp.cells if c.is_reference and c.label in outcome.metrics]
+    in_memory = [c for c in references if model(c) in ws.adapters]
+    if not in_memory and references:
+        in_memory = [c for c in references if model(c) == model(references[0])]
+    for cell in in_memory:
         first = outcome.metrics[cell.label]
         again = ws.run(cell).metrics
         d = {"prefill": again["prefill_ms"] / first["prefill_ms"],

@@ -10,7 +10,9 @@ from harness.data.synthetic import QUESTION_TYPES
 from harness.records import METRICS
 from harness.tracking import DEFAULT_TRACKING_URI, cell_runs
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
+def default_out_dir() -> Path:
+    """reports/out/ under the folder the command runs in (never inside the installed package)."""
+    return Path.cwd() / "reports" / "out"
 
 
 def question_types(runs: pd.DataFrame) -> list[str]:
@@ -143,11 +145,11 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 
 def build_report(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, parent_run_id: str | None = None,
-                 out_dir: Path = OUT_DIR) -> Path:
+                 out_dir: Path | None = None) -> Path:
     parent_run_id, runs = cell_runs(tracking_uri, experiment, parent_run_id)
     if runs.empty:
         raise ValueError(f"sweep {parent_run_id} of {experiment!r} has no cell runs")
-    d = Path(out_dir) / experiment
+    d = Path(out_dir or default_out_dir()) / experiment
     d.mkdir(parents=True, exist_ok=True)
     keys = [k for k in ("params.model", "params.dataset", "params.split") if k in runs]
     groups = list(runs.groupby(keys, sort=False)) if keys else [((), runs)]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from harness.contract import TowerState
+from harness.files import safetensors_problem
 from harness.layers import Rows
 from harness.models.embedded import EMBEDDED_DIR
 
@@ -56,21 +57,56 @@ def visual_token_count(image_size: int, patch_size: int, select_strategy: str) -
     return (image_size // patch_size) ** 2 + (0 if select_strategy == "default" else 1)
 
 
+def read_config(p: Path) -> dict:
+    """config.json of a checkpoint folder, checked to be a LLaVA config; ModelError otherwise."""
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model path {str(p)!r}: config.json is not valid JSON (line {e.lineno}, column "
+                         f"{e.colno}: {e.msg}); allowed: a transformers LLaVA checkpoint's config.json") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"model path {str(p)!r}: config.json cannot be read ({e}); allowed: a readable "
+                         f"transformers checkpoint folder") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"model path {str(p)!r}: config.json holds a {type(cfg).__name__}, not a mapping; "
+                         f"allowed: a transformers LLaVA checkpoint's config.json")
+    family_of(cfg.get("model_type"))
+    missing = [k for k in ("vision_config", "text_config") if not isinstance(cfg.get(k), dict)]
+    if missing:
+        raise ModelError(f"model path {str(p)!r}: config.json has no {' or '.join(missing)}; allowed: a LLaVA "
+                         f"config with both (as save_pretrained writes it)")
+    return cfg
+
+
+def check_weights(p: Path) -> None:
+    """Every safetensors file of the checkpoint is complete (headers only; no weight is loaded)."""
+    files = sorted(p.glob("*.safetensors"))
+    if not files and not any(p.glob("*.bin")):
+        raise ModelError(f"model path {str(p)!r} has no weights (*.safetensors or *.bin); allowed: a "
+                         f"checkpoint folder written by save_pretrained")
+    for f in files:
+        problem = safetensors_problem(f)
+        if problem:
+            raise ModelError(f"model weights {str(f)!r}: {problem}; allowed: complete safetensors files "
+                             f"(download or copy the checkpoint again)")
+
+
 def read_shape(path: str, checkpoint: str | None = None) -> dict:
     """Layer count and visual-token count, without loading weights (LLaVA-NeXT and Video-LLaVA:
-    the processor's count for the embedded benchmark's image size)."""
-    p = resolve_model_path(path, checkpoint)
-    cfg = json.loads((p / "config.json").read_text())
-    family = family_of(cfg.get("model_type"))
-    vision = cfg["vision_config"]
-    if family == "llava":
-        m = visual_token_count(vision["image_size"], vision["patch_size"],
-                               cfg.get("vision_feature_select_strategy", "default"))
-    else:
-        from transformers import AutoConfig
+    the processor's count for the embedded benchmark's image size); checks the config and that
+    the weight files are complete."""
+    from transformers import AutoConfig
 
-        m = ADAPTERS[family].count_visual(load_processor(p, family), AutoConfig.from_pretrained(p))
-    return {"num_layers": cfg["text_config"]["num_hidden_layers"], "num_visual": m}
+    p = resolve_model_path(path, checkpoint)
+    family = family_of(read_config(p).get("model_type"))
+    check_weights(p)
+    cfg = AutoConfig.from_pretrained(p)  # the defaults that config.json leaves out filled in
+    if family == "llava":
+        m = visual_token_count(cfg.vision_config.image_size, cfg.vision_config.patch_size,
+                               cfg.vision_feature_select_strategy)
+    else:
+        m = ADAPTERS[family].count_visual(load_processor(p, family), cfg)
+    return {"num_layers": cfg.text_config.num_hidden_layers, "num_visual": m}
 
 
 FAMILIES = {"llava": "llava", "llava_next": "llava-next", "video_llava": "video-llava"}
@@ -400,7 +436,7 @@ def load_model(path: str = "embedded", dtype: str = "float32", attn_implementati
         raise ModelError(f"attention implementation {attn_implementation!r} is not supported; "
                          f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
     p = resolve_model_path(path, checkpoint)
-    family = family_of(json.loads((p / "config.json").read_text()).get("model_type"))
+    family = family_of(read_config(p).get("model_type"))
     cls = {"llava": "LlavaForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration",
            "video-llava": "VideoLlavaForConditionalGeneration"}[family]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -28,6 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from harness.contract import DraftPass, register_draft_source
+from harness.files import safetensors_problem
 from harness.layers import Rows, attention_rows, forward
 from methods.base import Method, MethodError, ModelShape, register, top_k_indices
 
@@ -36,10 +37,17 @@ _UNSET = object()
 
 
 def resolve_twig(path: str) -> Path:
+    """The twig directory `path` names, its weight files checked complete (headers only)."""
+    allowed = "allowed: 'embedded' or a directory written by tools.train_twig"
+    if not isinstance(path, str) or not path:
+        raise MethodError(f"twigvlm: twig {path!r} is not a path; {allowed}")
     p = EMBEDDED_TWIG if path == "embedded" else Path(path).expanduser()
     if not p.is_dir() or not any(p.glob("*.safetensors")):
-        raise MethodError(f"twigvlm: twig {path!r} is not a directory with a trained twig (.safetensors); "
-                          f"allowed: 'embedded' or a directory written by tools.train_twig")
+        raise MethodError(f"twigvlm: twig {path!r} is not a directory with a trained twig (.safetensors); {allowed}")
+    for f in sorted(p.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            raise MethodError(f"twigvlm: twig file {str(f)!r}: {problem}; {allowed}")
     return p
 
 
