@@ -32,7 +32,7 @@ def check_tracking_uri(uri: str) -> None:
     """The tracking store can be written (sqlite, local folder) or answers (http[s]); other
     database schemes MLflow supports are passed on as they are."""
     parsed = urlparse(uri)
-    scheme = parsed.scheme or "file"
+    scheme = (parsed.scheme or "file").split("+")[0]  # postgresql+psycopg2: SQLAlchemy's driver suffix
     allowed = f"allowed: sqlite:///PATH, a folder, http(s)://HOST:PORT of an MLflow server ({', '.join(SCHEMES)})"
     if scheme not in SCHEMES:
         raise PreflightError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; {allowed}")
@@ -49,6 +49,8 @@ def check_tracking_uri(uri: str) -> None:
     elif scheme in ("http", "https"):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # something answers (authentication, a proxy, TLS settings are MLflow's to handle)
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             raise PreflightError(f"tracking URI {uri!r}: no MLflow server answers within {TIMEOUT_S} s ({reason}); "
@@ -64,7 +66,7 @@ def _check_sqlite(uri: str, db: Path) -> None:
                              f"allowed: a sqlite file in a folder you can write to")
     if db.exists():
         try:  # take the write lock once, then let go: a read-only or locked file fails here
-            con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=TIMEOUT_S)
+            con = sqlite3.connect(f"file:{urllib.request.pathname2url(str(db))}?mode=rw", uri=True, timeout=TIMEOUT_S)
             try:
                 con.execute("BEGIN IMMEDIATE")
                 con.rollback()
@@ -76,14 +78,15 @@ def _check_sqlite(uri: str, db: Path) -> None:
 
 
 def check_ray_address(address: str | None) -> None:
-    """A given Ray address (host:port or ray://host:port; 'auto' and none are left to Ray) answers
+    """A given Ray address (host:port or ray://host:port; 'auto', 'local' and none are left to Ray) answers
     a TCP connection within a few seconds."""
-    if not address or address == "auto":
+    if not address or address in ("auto", "local"):
         return
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     if not host or not port.isdigit():
-        raise PreflightError(f"Ray address {address!r} is not HOST:PORT; allowed: auto, HOST:PORT or ray://HOST:PORT")
+        raise PreflightError(f"Ray address {address!r} is not HOST:PORT; allowed: auto, local, HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=TIMEOUT_S).close()
     except OSError as e:

@@ -8,8 +8,9 @@ Algorithms*, 2nd ed., section 4.2). Through a network the per-sum errors add up 
 
 `fp32_atol` turns that into an absolute tolerance: n is the longest reduction whose order differs
 between the two sides, `depth` the number of such reductions one after another (a decoder layer
-counts once: its sums run in sequence but each is bounded by the same n), and sum|terms| is taken
-as the largest magnitude in the compared tensor. That is a worst-case figure; what was measured on
+counts once: its sums run in sequence but each is bounded by the same n), and sum|terms| is stood
+in for by the largest magnitude in the compared tensor (not a strict bound where terms cancel, but
+n*u is itself the worst case of a sum whose rounding errors all align). What was measured on
 a 2-core x86 machine with 1 and 2 threads sits 10-100x below it (numbers next to each use), while
 a real error (a wrong row, a wrong member of a merge, a missing layer) is of the order of the
 values themselves, far above it.
@@ -26,8 +27,8 @@ U = 2.0 ** -24  # fp32 unit roundoff
 
 
 def fp32_atol(reference: torch.Tensor, reduction: int, depth: int = 1) -> float:
-    """Worst-case absolute difference between two fp32 evaluations of `reference` whose `depth`
-    successive sums of up to `reduction` terms run in different orders."""
+    """The allowed absolute difference between two fp32 evaluations of `reference` whose `depth`
+    successive sums of up to `reduction` terms run in different orders (see the module docstring)."""
     return depth * reduction * U * float(reference.detach().abs().max())
 
 

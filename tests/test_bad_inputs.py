@@ -86,7 +86,8 @@ ROWS = {
 @pytest.mark.parametrize("row", list(ROWS))
 def test_bad_sweep_input_is_one_line_and_creates_no_run(row, tmp_path, tiny_llava_dir, capsys):
     make, expected = ROWS[row]
-    (tmp_path / "afile").write_bytes(b"not a folder, not a database" * 40)
+    afile = b"not a folder, not a database" * 40
+    (tmp_path / "afile").write_bytes(afile)
     change, args = make(tmp_path, tiny_llava_dir)
     exp = {**BASE, **change}
     p = tmp_path / "exp.yaml"
@@ -101,12 +102,15 @@ def test_bad_sweep_input_is_one_line_and_creates_no_run(row, tmp_path, tiny_llav
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert "Traceback" not in err[0]
-    assert not db.exists()  # no MLflow store, so no run
+    # no MLflow store made, so no run: not the default one, no file store, the given files untouched
+    assert not db.exists() and not (tmp_path / "mlruns").exists()
+    assert (tmp_path / "afile").read_bytes() == afile
 
 
 @pytest.mark.parametrize("content,expected", [
     (None, "is a directory"), (b"", "is empty"), (bytes(range(256)) * 4, "is not text"),
     (b"experiment: x\nmethods: [baseline]\nmethods: [fastv]\n", "key 'methods' appears twice"),
+    (b"experiment: x\n? [a, b]\n: 1\n", "is not a plain value"),
 ])
 def test_bad_experiment_files(tmp_path, capsys, content, expected):
     p = tmp_path / "exp.yaml"
@@ -144,3 +148,37 @@ def test_reports_go_to_the_working_folder_and_a_resumed_sweep_logs_drift(tiny_ll
     exp = client.get_experiment_by_name("bad")
     parent = client.search_runs([exp.experiment_id], "tags.role = 'sweep'")[0]
     assert len(client.get_metric_history(parent.info.run_id, "drift_prefill")) == 2
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    from harness.experiment import load_experiment
+
+    p = tmp_path / "merge.yaml"
+    p.write_text("experiment: m\nbase: &b {split: val, samples_per_type: 1}\n"
+                 "dataset: {<<: *b, name: shapes}\nmethods: [baseline]\n".replace("base: &b", "x-base: &b"))
+    with pytest.raises(Exception) as e:  # an unknown section, but the anchors and the merge parse
+        load_experiment(p)
+    assert "x-base" in str(e.value) and "malformed" not in str(e.value)
+
+
+def test_preflight_accepts_valid_destinations(tmp_path):
+    """What must pass: the default store (new or existing), a folder store, SQLAlchemy driver
+    schemes, any HTTP server that answers (even 404: MLflow handles the rest), Ray's auto/local."""
+    import http.server
+    import sqlite3
+    import threading
+
+    from harness.preflight import check_ray_address, check_tracking_uri
+
+    check_tracking_uri(f"sqlite:///{tmp_path / 'new.db'}")
+    sqlite3.connect(tmp_path / "old #1.db").execute("create table t (x)").connection.commit()
+    check_tracking_uri(f"sqlite:///{tmp_path / 'old #1.db'}")
+    check_tracking_uri(str(tmp_path / "mlruns"))
+    check_tracking_uri("postgresql+psycopg2://user@db.invalid/mlflow")  # passed on to MLflow unchecked
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    check_tracking_uri(f"http://127.0.0.1:{server.server_address[1]}")
+    server.server_close()
+    for address in (None, "auto", "local"):
+        check_ray_address(address)
+    assert not (tmp_path / "new.db").exists()  # checked, not created
