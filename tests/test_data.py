@@ -81,3 +81,14 @@ def test_bad_dataset_arguments_are_one_clear_error():
         load_samples("coco")
     with pytest.raises(DatasetError, match="unknown split 'dev'"):
         load_samples("shapes", "dev")
+
+
+def test_question_forms_tool_splits_types_by_how_the_question_names_its_object(tiny_llava_dir, capsys):
+    from tools import question_forms
+
+    forms = {question_forms.question_form(syn.make_sample("test", i)) for i in range(600, 900)}
+    assert {"position: of the letter", "position: of a colour+shape", "exist: answer yes", "exist: answer no",
+            "attribute: size of a colour+shape", "attribute: shape at a position"} <= forms
+    question_forms.main(["--model", tiny_llava_dir, "--split", "val", "--start", "0", "--samples", "6"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and all("accuracy" in line for line in out)  # 6 samples, describe and text left out
