@@ -151,14 +151,14 @@ def test_reports_go_to_the_working_folder_and_a_resumed_sweep_logs_drift(tiny_ll
 
 
 def test_yaml_merge_keys_still_work(tmp_path):
+    """Refusing duplicate keys must not refuse YAML merges (`<<: *anchor`)."""
     from harness.experiment import load_experiment
 
     p = tmp_path / "merge.yaml"
-    p.write_text("experiment: m\nbase: &b {split: val, samples_per_type: 1}\n"
-                 "dataset: {<<: *b, name: shapes}\nmethods: [baseline]\n".replace("base: &b", "x-base: &b"))
-    with pytest.raises(Exception) as e:  # an unknown section, but the anchors and the merge parse
-        load_experiment(p)
-    assert "x-base" in str(e.value) and "malformed" not in str(e.value)
+    p.write_text("experiment: m\ndataset: {split: val, samples_per_type: 1}\nbudgets: [0.5]\nmethods:\n"
+                 "  - &f {name: fastv, settings: {K: 1}}\n  - {<<: *f, budgets: [0.6]}\n")
+    exp = load_experiment(p)
+    assert [(c.method, c.settings, c.budget) for c in exp.cells] == [("fastv", {"K": 1}, 0.5), ("fastv", {"K": 1}, 0.6)]
 
 
 def test_preflight_accepts_valid_destinations(tmp_path):

@@ -35,10 +35,9 @@ class Embedded:
 
     def __init__(self):
         self.adapter = load_model("embedded")
-        short = [t for t in syn.QUESTION_TYPES if t != "describe"]
-        per = len(syn.QUESTION_TYPES)
-        self.short = [syn.make_sample("test", i) for i in range(PREFILL_SAMPLES * per // len(short) + per)
-                      if syn.QUESTION_TYPES[i % per] in short][:PREFILL_SAMPLES]
+        per = len(syn.QUESTION_TYPES)  # types cycle with the index: every type but describe is short
+        self.short = [syn.make_sample("test", i) for i in range(2 * PREFILL_SAMPLES)
+                      if syn.QUESTION_TYPES[i % per] != "describe"][:PREFILL_SAMPLES]
         self.long = [syn.make_sample("test", i * per + syn.QUESTION_TYPES.index("describe"))
                      for i in range(DECODE_SAMPLES)]
         self.shape = measure.text_shape(self.adapter.model.config)
@@ -93,7 +92,7 @@ class Embedded:
                 h.remove()
 
     def prefill_proxies(self, records, inputs, method) -> dict:
-        twig_layers = method.twig.T if getattr(method, "twig", None) is not None else 0
+        twig_layers = method.extra_prefill_layers
         flops = 0.0
         for rec, (_, x) in zip(records, inputs):
             text = x["input_ids"].shape[1] - self.adapter.num_visual
