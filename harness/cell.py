@@ -57,6 +57,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     """One cell over the samples (`inputs`: their processed prompts); every sample is timed
     `repeats` times (the tokens of the first pass are the record's, the others must match).
     Relative metrics compare with `baseline`'s records; a baseline cell is its own reference."""
+    start_ms = int(time.time() * 1000)
     max_new_tokens = max_new_tokens or cell.generation["max_new_tokens"]
     warmup = cell.timing["warmup"] if warmup is None else warmup
     repeats = repeats or cell.timing["repeats"]
@@ -132,7 +133,11 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
                       "ssd_theta": ssd["theta"], "ssd_K": twig.K, "ssd_T": twig.T}
     else:
         params_ssd = {"decoding": "greedy"}
-    params = {**method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
+    # a budget-free cell names the visual tokens it processed (baseline: all, blind: none), so that
+    # a chart against budget_tokens has it on it
+    tokens = {} if method.budget is not None else {
+        "budget_tokens": int(round(statistics.fmean(r.equal_token_average for r in records)))}
+    params = {**tokens, **method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
               "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
               "num_visual": adapter.num_visual, "max_new_tokens": max_new_tokens, "warmup": warmup,
               "repeats": repeats, "paired_timing": bool(paired), "dataset": cell.dataset["name"], "split": cell.dataset["split"],
@@ -141,7 +146,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     reference = records if cell.is_reference and baseline is None else baseline
     if reference is not None:
         metrics.update(measure.relative_metrics(records, reference))
-    return CellResult(cell, params, metrics, records)
+    return CellResult(cell, params, metrics, records, start_ms, int(time.time() * 1000))
 
 
 def _timing(rec, wall_ms: float) -> dict:

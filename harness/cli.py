@@ -95,7 +95,10 @@ def main(argv=None) -> int:
         if not args.no_report:
             path = build_report(exp.name, args.tracking_uri, outcome.parent_id, _report_dir(args))
             print(f"report: {path}")
-        print("browse: make ui  (MLflow UI on http://127.0.0.1:5000)")
+        from harness.tracking import ui_hint
+
+        print(f"browse: {ui_hint(args.tracking_uri, outcome.experiment_id)}"
+              + ("  (or: make ui)" if args.tracking_uri == "sqlite:///mlflow.db" else ""))
         return 0
     if args.command == "report":
         from harness.preflight import check_output_dir

@@ -118,38 +118,42 @@ def _timing_arrays(recs: list[SampleRecord], key: str) -> np.ndarray:
 
 
 def _speedup_stat(key: str):
+    """The speedup statistic over (..., samples) arrays of baseline / cell times (and decode tokens)."""
     if key == "decode":
         def stat(bt, bk, ct, ck):  # pooled tokens/s ratio: (ck / ct) / (bk / bt)
-            return (ck.sum() / ct.sum()) / (bk.sum() / bt.sum()) if ct.sum() > 0 and bt.sum() > 0 else np.nan
+            cs, bs = ct.sum(-1), bt.sum(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out = (ck.sum(-1) / cs) / (bk.sum(-1) / bs)
+            return np.where((cs > 0) & (bs > 0), out, np.nan)
     else:
         def stat(bt, bk, ct, ck):
-            return np.median(bt) / np.median(ct) if np.median(ct) > 0 else np.nan
+            cm = np.median(ct, -1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(cm > 0, np.median(bt, -1) / cm, np.nan)
     return stat
 
 
 def speedup(records: list[SampleRecord], baseline: list[SampleRecord], key: str, seed: int = 0) -> tuple[float, float, float]:
     """(point, low, high): the cell's speedup over the baseline for `key` (a TIMES entry or
-    'decode'), point from per-sample medians over repeats, 95 % bootstrap interval."""
+    'decode'), point from per-sample medians over repeats, 95 % bootstrap interval (BOOTSTRAP
+    draws, each resampling the samples and one repeat per sample on each side)."""
     cell, base = align(records, baseline)
     col = "decode_ms" if key == "decode" else key
     ct, bt = _timing_arrays(cell, col), _timing_arrays(base, col)
     ck = np.array([r.decode_tokens for r in cell], dtype=float)
     bk = np.array([r.decode_tokens for r in base], dtype=float)
     stat = _speedup_stat(key)
-    point = stat(np.median(bt, 1), bk, np.median(ct, 1), ck)
+    point = float(stat(np.median(bt, 1), bk, np.median(ct, 1), ck))
     rng = np.random.default_rng(seed)
     n = len(cell)
-    draws = []
-    for _ in range(BOOTSTRAP):
-        idx = rng.integers(0, n, n)
-        rb = rng.integers(0, bt.shape[1], n)
-        rc = rng.integers(0, ct.shape[1], n)
-        draws.append(stat(bt[idx, rb], bk[idx], ct[idx, rc], ck[idx]))
-    draws = np.array(draws)
+    idx = rng.integers(0, n, (BOOTSTRAP, n))
+    rb = rng.integers(0, bt.shape[1], (BOOTSTRAP, n))
+    rc = rng.integers(0, ct.shape[1], (BOOTSTRAP, n))
+    draws = stat(bt[idx, rb], bk[idx], ct[idx, rc], ck[idx])
     draws = draws[~np.isnan(draws)]
     if not len(draws):
-        return float(point), float("nan"), float("nan")
-    return float(point), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+        return point, float("nan"), float("nan")
+    return point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
 def accuracy_diff(records: list[SampleRecord], baseline: list[SampleRecord], seed: int = 0) -> tuple[float, float, float]:

@@ -59,6 +59,8 @@ class CellResult:
     params: dict  # logged as MLflow params
     metrics: dict  # logged as MLflow metrics; names in METRICS (+ accuracy_<question type>)
     records: list[SampleRecord]
+    start_ms: int = 0  # wall-clock start and end of the cell (ms since the epoch): the run's times
+    end_ms: int = 0
 
 
 def _with_interval(name: str) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ class SweepOutcome:
     failed: dict  # label -> error
     metrics: dict  # label -> metrics (every finished cell)
     drift: dict = None  # baseline label -> {prefill, decode}: closing pass / first pass
+    experiment_id: str = ""
 
     @property
     def ok(self) -> bool:
@@ -77,7 +78,8 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, ex
     def finish(res: CellResult, reference):
         if reference is not None and not res.cell.is_reference:
             res.metrics.update(measure.relative_metrics(res.records, reference))
-        store.log_cell(res.cell.label, cell_tags(res.cell, env), res.params, res.metrics, res.records)
+        store.log_cell(res.cell.label, cell_tags(res.cell, env), res.params, res.metrics, res.records,
+                       res.start_ms, res.end_ms)
         outcome.ran.append(res.cell.label)
         outcome.metrics[res.cell.label] = res.metrics
         m = res.metrics
@@ -120,7 +122,9 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, ex
             outcome.drift = closing_pass(ws, exp, outcome, store, log)
         except Exception as e:  # the cells are logged already: a failed re-timing must not lose them
             log(f"WARNING: the closing timing pass failed ({type(e).__name__}: {e}); no drift logged")
+    store.log_curves()
     store.close(outcome.ok)
+    outcome.experiment_id = store.experiment_id
     return outcome
 
 

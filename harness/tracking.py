@@ -31,6 +31,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 def _mlflow(tracking_uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -84,12 +85,22 @@ def _write_artifact(mlflow, run_id: str, name: str, text: str) -> None:
         mlflow.MlflowClient().log_artifact(run_id, str(path))
 
 
-def _metrics(metrics: dict) -> list:
-    """MLflow metric entities of the numeric, non-NaN values."""
+# the cell metrics drawn against the budget by the series runs (SweepStore.log_curves)
+CURVES = ("accuracy", "relative_accuracy", "prefill_speedup", "ttft_speedup", "decode_speedup", "e2e_speedup",
+          "equal_token_average", "prefill_gflops")
+SIGNIFICANT = 5  # digits kept in MLflow (the raw figures stay in samples.jsonl)
+
+
+def rounded(v: float) -> float:
+    return float(f"{v:.{SIGNIFICANT}g}")
+
+
+def _metrics(metrics: dict, step: int = 0, when: int | None = None) -> list:
+    """MLflow metric entities of the numeric, non-NaN values, to SIGNIFICANT digits."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+    now = when or int(time.time() * 1000)
+    return [Metric(k, rounded(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
 
 
 def _param(value) -> str:
@@ -109,6 +120,8 @@ class SweepStore:
             self.client.restore_experiment(exp.experiment_id)
         self.experiment_id = (exp.experiment_id if exp is not None
                               else self.client.create_experiment(experiment))
+        # the UI opens it in its machine-learning view (runs, charts), not the GenAI one (traces)
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         self.parent_id: str | None = None
 
     def open(self, sweep_hash: str, run_name: str, params: dict, tags: dict, config_text: str,
@@ -133,9 +146,9 @@ class SweepStore:
         _write_artifact(self.mlflow, self.parent_id, "cells.json", cells_json)
         return False
 
-    def children(self) -> list:
-        return self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_id}'",
-                                       max_results=50000)
+    def children(self, role: str = "cell") -> list:
+        return self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_id}' "
+                                       f"and tags.role = '{role}'", max_results=50000)
 
     def finished_cells(self) -> dict[str, str]:
         """cell hash -> run id of the FINISHED children; every other child (FAILED, or RUNNING
@@ -158,17 +171,53 @@ class SweepStore:
     def metrics(self, run_id: str) -> dict:
         return dict(self.client.get_run(run_id).data.metrics)
 
-    def log_cell(self, name: str, tags: dict, params: dict, metrics: dict, records: list[SampleRecord]) -> str:
-        """One child run, FINISHED only once everything is logged (a kill leaves it RUNNING)."""
-        run = self.client.create_run(self.experiment_id, run_name=name,
+    def log_cell(self, name: str, tags: dict, params: dict, metrics: dict, records: list[SampleRecord],
+                 start_ms: int | None = None, end_ms: int | None = None) -> str:
+        """One child run, FINISHED only once everything is logged (a kill leaves it RUNNING); its
+        start and end are the cell's own (not the logging's) when given."""
+        run = self.client.create_run(self.experiment_id, run_name=name, start_time=start_ms or None,
                                      tags={**tags, "role": "cell", "mlflow.parentRunId": self.parent_id})
         rid = run.info.run_id
         from mlflow.entities import Param
 
-        self.client.log_batch(rid, params=[Param(k, _param(v)) for k, v in params.items()], metrics=_metrics(metrics))
+        self.client.log_batch(rid, params=[Param(k, _param(v)) for k, v in params.items()],
+                              metrics=_metrics(metrics, when=end_ms))
         _write_artifact(self.mlflow, rid, "samples.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in records))
-        self.client.set_terminated(rid, "FINISHED")
+        self.client.set_terminated(rid, "FINISHED", end_time=end_ms or None)
         return rid
+
+    def log_curves(self) -> int:
+        """One run per series under the sweep (tag role=series) with the FINISHED cells' CURVES
+        metrics at step = visual tokens retained (params.budget_tokens): MLflow's line charts then
+        draw a curve per method against the budget. Replaces the sweep's earlier series runs;
+        returns how many it logged."""
+        for r in self.children("series"):
+            self.client.delete_run(r.info.run_id)
+        cells = [r for r in self.children() if r.info.status == "FINISHED"
+                 and "budget_tokens" in r.data.params and "series" in r.data.tags]
+        several = len({(r.data.tags.get("model"), r.data.tags.get("dataset")) for r in cells}) > 1
+        curves: dict[str, dict[str, dict[int, float]]] = {}
+        for r in cells:
+            t = r.data.tags
+            series = t["series"] + (f" ({t.get('model')}, {t.get('dataset')})" if several else "")
+            for name in CURVES:
+                if name in r.data.metrics:
+                    curves.setdefault(series, {}).setdefault(f"vs_tokens/{name}", {})[
+                        int(float(r.data.params["budget_tokens"]))] = r.data.metrics[name]
+        for series, metrics in curves.items():
+            run = self.client.create_run(self.experiment_id, run_name=f"curve {series}",
+                                         tags={"role": "series", "series": series,
+                                               "mlflow.parentRunId": self.parent_id})
+            entities = [m for name, points in metrics.items() for step, v in sorted(points.items())
+                        for m in _metrics({name: v}, step=int(step))]
+            for i in range(0, len(entities), 1000):
+                self.client.log_batch(run.info.run_id, metrics=entities[i:i + 1000])
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+        return len(curves)
+
+    def log_report(self, folder: Path) -> None:
+        """The report's files as the sweep run's artifacts under report/."""
+        self.client.log_artifacts(self.parent_id, str(folder), "report")
 
     def log_failure(self, name: str, tags: dict, error: str) -> None:
         run = self.client.create_run(self.experiment_id, run_name=name,
@@ -197,5 +246,18 @@ def cell_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
             raise ValueError(f"experiment {experiment!r} has no finished sweep in {tracking_uri}")
         parent_run_id = parents.iloc[0]["run_id"]
     runs = mlflow.search_runs([exp.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.role = 'cell'")
     return parent_run_id, runs
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
+    """How to open the experiment in the MLflow UI, in its machine-learning view (runs and charts)."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    if tracking_uri.startswith("sqlite:///"):
+        store = "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):].split("?")[0]).resolve())
+    else:
+        store = tracking_uri
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {store} --host 127.0.0.1 "
+            f"--port {port}, then open http://127.0.0.1:{port}/{page}")

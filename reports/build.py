@@ -1,170 +1,180 @@
-"""Render a sweep's results from MLflow (never by re-running models): a Markdown table and an
-accuracy-vs-budget figure under reports/out/<experiment>/."""
+"""`twigbench report EXPERIMENT` (and the end of every sweep): a sweep's paper-style report, read
+from MLflow alone (never re-running a model), under reports/out/<experiment>/:
+
+    index.html   one page (figures beside it, no network): the protocol, every table and figure
+    report.md    the same tables in Markdown          tables.tex  the same tables (booktabs)
+    *.png/*.pdf  accuracy vs tokens, accuracy vs speedup, SSD speedup vs length, keep maps
+    cells.csv    one row per cell: its params and metrics as logged
+
+The files are also attached to the sweep's parent run (artifacts under report/).
+"""
 from __future__ import annotations
 
+import datetime as dt
+import html
 from pathlib import Path
 
 import pandas as pd
 
-from harness.data.synthetic import QUESTION_TYPES
-from harness.records import METRICS
-from harness.tracking import DEFAULT_TRACKING_URI, cell_runs
+from harness.tracking import DEFAULT_TRACKING_URI, _mlflow
+from reports import content, figures
+from reports.load import Sweep, load_sweep
+from reports.tables import Table, html_table, latex_document, markdown
+
 
 def default_out_dir() -> Path:
     """reports/out/ under the folder the command runs in (never inside the installed package)."""
     return Path.cwd() / "reports" / "out"
 
 
-def question_types(runs: pd.DataFrame) -> list[str]:
-    """The question types the cells report accuracy for (metrics accuracy_<type>), the embedded
-    benchmark's in its own order first."""
-    found = {c[len("metrics.accuracy_"):] for c in runs.columns
-             if c.startswith("metrics.accuracy_") and c[len("metrics."):] not in METRICS}
-    return [t for t in QUESTION_TYPES if t in found] + sorted(found - set(QUESTION_TYPES))
+# ---- the protocol header ---------------------------------------------------------------------
+def _values(sweep: Sweep, key: str, default: str = "") -> str:
+    vals = list(dict.fromkeys(str(c.params[key]) for c in sweep.cells if key in c.params))
+    return ", ".join(vals) if vals else default
 
 
-def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell, sorted by method then budget (most tokens first)."""
-    def col(name, default=float("nan")):
-        if name.startswith("metrics.") and name[len("metrics."):] not in METRICS \
-                and not name.startswith("metrics.accuracy_"):
-            raise KeyError(f"{name} is not a metric the cells log (harness.records.METRICS)")
-        return runs[name] if name in runs else pd.Series(default, index=runs.index)
-
-    table = pd.DataFrame({
-        "method": col("params.method"),
-        "series": col("params.series"),
-        "budget_tokens": pd.to_numeric(col("params.budget_tokens"), errors="coerce"),
-        "accuracy": col("metrics.accuracy"),
-        "relative_accuracy": col("metrics.relative_accuracy"),
-        **{f"acc_{t}": col(f"metrics.accuracy_{t}") for t in question_types(runs)},
-        "prefill_ms": col("metrics.prefill_ms"),
-        "prefill_speedup": col("metrics.prefill_speedup"),
-        "prefill_speedup_ci_low": col("metrics.prefill_speedup_ci_low"),
-        "prefill_speedup_ci_high": col("metrics.prefill_speedup_ci_high"),
-        "decode_tokens_per_s": col("metrics.decode_tokens_per_s_pooled"),
-        "decode_speedup": col("metrics.decode_speedup"),
-        "decode_speedup_ci_low": col("metrics.decode_speedup_ci_low"),
-        "decode_speedup_ci_high": col("metrics.decode_speedup_ci_high"),
-        "accuracy_diff_ci_low": col("metrics.accuracy_diff_ci_low"),
-        "accuracy_diff_ci_high": col("metrics.accuracy_diff_ci_high"),
-        "prefill_gflops": col("metrics.prefill_gflops"),
-        "acceptance_rate": col("metrics.acceptance_rate"),
-        "mean_accepted_length": col("metrics.mean_accepted_length"),
-        "equal_token_average": col("metrics.equal_token_average"),
-        "official_equal_token_average": pd.to_numeric(col("params.official_equal_token_average"), errors="coerce"),
-    })
-    table["_order"] = table["method"].ne("baseline")
-    table = table.sort_values(["_order", "series", "budget_tokens"], ascending=[True, True, False])
-    return table.drop(columns="_order").reset_index(drop=True)
+def _when(ms) -> str:
+    return "" if not ms else dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def markdown(table: pd.DataFrame, title: str, meta: str, figure: str = "accuracy_vs_budget.png") -> str:
-    show = table.copy()
-    for c in show.columns:
-        if (c.startswith("acc") and c != "acceptance_rate") or c == "relative_accuracy":
-            show[c] = (100 * show[c]).map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
-    for c in ("prefill_ms", "decode_tokens_per_s", "equal_token_average", "official_equal_token_average"):
-        show[c] = show[c].map(lambda v: "" if pd.isna(v) else f"{v:.1f}" if c != "prefill_ms" else f"{v:.2f}")
-    for c in ("prefill_speedup", "decode_speedup"):
-        show[c] = [("" if pd.isna(v) else f"{v:.2f}x" if pd.isna(lo) else f"{v:.2f}x [{lo:.2f}, {hi:.2f}]")
-                   for v, lo, hi in zip(table[c], table[c + "_ci_low"], table[c + "_ci_high"])]
-    show["diff_ci"] = [("" if pd.isna(lo) else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]")
-                       for lo, hi in zip(table["accuracy_diff_ci_low"], table["accuracy_diff_ci_high"])]
-    show["prefill_gflops"] = show["prefill_gflops"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-    show = show.drop(columns=[c for c in show.columns if c.endswith(("_ci_low", "_ci_high"))])
-    order = list(show.columns)
-    order.insert(order.index("relative_accuracy") + 1, order.pop(order.index("diff_ci")))
-    show = show[order]
-    show["acceptance_rate"] = show["acceptance_rate"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f}")
-    show["mean_accepted_length"] = show["mean_accepted_length"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-    show = show.drop(columns=[c for c in ("acceptance_rate", "mean_accepted_length", "official_equal_token_average")
-                              if table[c].isna().all()])
-    show["budget_tokens"] = show["budget_tokens"].map(lambda v: "all" if pd.isna(v) else str(int(v)))
-    header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
-    rows = "".join("| " + " | ".join(map(str, r)) + " |\n" for r in show.itertuples(index=False))
-    return (f"# {title}\n\n{meta}\n\n{conventions(table)}Accuracy in %, relative accuracy against the baseline cell of "
-            f"the same sweep, diff_ci the 95 % paired-bootstrap interval of the accuracy difference "
-            f"(points); speedups carry 95 % bootstrap intervals over samples and timing repeats; prefill is the median time of the LLM's prompt pass (pruning included, vision "
-            f"encoding excluded; for SSD cells, the time to the first token); decode speedup is the "
-            f"decode tokens/s against the baseline cell's; acceptance rate (%) and mean accepted length "
-            f"(tokens per target forward) are SSD's; equal-token average is the "
-            f"visual tokens each backbone layer processed, averaged over layers (measured); prefill GFLOPs "
-            f"is analytic (decoder layers at the measured tokens, the twig's layers included).\n\n{header}{rows}\n"
-            f"![accuracy vs budget]({figure})\n")
+def protocol(sweep: Sweep) -> list[tuple[str, str]]:
+    """(name, value) lines stating how the numbers were measured."""
+    paired = any(str(c.params.get("paired_timing")).lower() == "true" for c in sweep.cells)
+    samples = ", ".join(f"{g[1]}:{g[2]} {int(cs[0].metrics.get('samples', 0))}" for g, cs in sweep.groups())
+    drift = {k: v for k, v in sweep.metrics.items() if "drift" in k}
+    lines = [
+        ("experiment", sweep.experiment),
+        ("model", _values(sweep, "model")),
+        ("dtype", _values(sweep, "dtype")),
+        ("attention implementation", _values(sweep, "attn_implementation")),
+        ("engine regime", _values(sweep, "engine", "eager (the model's own modules, step by step)")),
+        ("device", sweep.tags.get("device", "?")),
+        ("samples per cell", samples),
+        ("generation", f"greedy, batch 1, at most {_values(sweep, 'max_new_tokens')} new tokens"),
+        ("repeats", f"{_values(sweep, 'repeats')} timed pass(es) per sample after {_values(sweep, 'warmup')} "
+                    "untimed warm-up sample(s)"),
+        ("timing mode", "paired: the baseline timed right before every sample of every cell" if paired
+         else "per cell: speedups against the baseline cell's timings"),
+        ("timing drift", ", ".join(f"{k} ×{v:.3f}" for k, v in drift.items()) + " (the baseline timed again at "
+                         "the end / its first pass)" if drift else "not measured"),
+        ("git commit", sweep.tags.get("git_commit", "?")),
+        ("versions", f"torch {sweep.tags.get('torch_version', '?')}, transformers "
+                     f"{sweep.tags.get('transformers_version', '?')}, twigbench {sweep.tags.get('harness_version', '?')}"),
+        ("MLflow", f"sweep run {sweep.parent_id} (experiment {sweep.experiment_id}) in {sweep.tracking_uri}"),
+        ("swept", f"{_when(sweep.start_ms)} – {_when(sweep.end_ms)}, {len(sweep.cells)} finished cells"),
+    ]
+    return lines
 
 
-def timing_note(runs: pd.DataFrame) -> str:
-    """The timing protocol of the cells, from their params."""
-    if "params.repeats" not in runs:
-        return ""
-    repeats = sorted(set(runs["params.repeats"].dropna()))
-    paired = "params.paired_timing" in runs and runs["params.paired_timing"].astype(str).str.lower().eq("true").any()
-    against = ("the baseline timed beside every sample of each cell (paired)" if paired
-               else "the baseline cell's timings")
-    return f" Timing: {'/'.join(repeats)} timed repeat(s) per sample; speedups against {against}."
+# ---- assembling ------------------------------------------------------------------------------
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}th,td{padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}thead th{border-bottom:2px solid #444}
+tbody tr:last-child td{border-bottom:2px solid #444}tr.group td{text-align:left;font-style:italic;
+border-top:1px solid #999;background:#f4f4f4}tr.muted td{color:#777}tr.muted td:first-child{font-style:italic}
+.caption,.notes{font-size:13px;color:#444}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:13px;color:#444}dl.protocol{display:grid;grid-template-columns:max-content auto;gap:2px 14px;
+font-size:13px}dl.protocol dt{font-weight:600}dl.protocol dd{margin:0}nav a{margin-right:1em}"""
 
 
-def conventions(table: pd.DataFrame) -> str:
-    """A line per cell whose measured equal-token average is more than one token off its budget."""
-    off = table[(table["equal_token_average"] - table["budget_tokens"]).abs() > 1]
-    if off.empty:
-        return ""
-    lines = []
-    for r in off.itertuples():
-        why = (f"by its own accounting (a pruning layer counted at its output size) {r.official_equal_token_average:.1f}"
-               if pd.notna(r.official_equal_token_average) else "see the method's documentation")
-        lines.append(f"- `{r.series}` at {int(r.budget_tokens)} tokens: measured {r.equal_token_average:.1f}; {why}.")
-    return ("Token conventions: these cells process more (or fewer) visual tokens than their budget "
-            "under the measured accounting:\n\n" + "\n".join(lines) + "\n\n")
+def _figure_html(file: str, caption: str) -> str:
+    e = html.escape
+    return f'<figure><img src="{e(file)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>'
 
 
-def plot(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+def render(sweep: Sweep, out: Path) -> list[str]:
+    """Write every file of the report into `out`; returns their names."""
+    sections: list[tuple[str, str, list]] = []  # (id, heading, [Table | (figure file, caption)])
+    written: list[str] = []
+    models = list(dict.fromkeys(g[0] for g, _ in sweep.groups()))
+    acc = [content.accuracy_table(sweep, m) for m in models]
+    acc_figs = []
+    for i, (g, cells) in enumerate(sweep.groups()):
+        suffix = "" if len(sweep.groups()) == 1 else f"_{i + 1}"
+        where = f"{g[0]} on {g[1]}:{g[2]}"
+        files = figures.accuracy_vs_tokens(cells, out, f"accuracy_vs_tokens{suffix}", where)
+        written += files
+        if files:
+            acc_figs.append((files[0], f"Accuracy against visual tokens retained ({where}); bands: paired 95 % "
+                                       "intervals of the difference to the upper bound, drawn around each point."))
+        files = figures.accuracy_vs_speedup(cells, out, f"accuracy_vs_speedup{suffix}", where)
+        written += files
+        if files:
+            acc_figs.append((files[0], f"Accuracy against end-to-end speedup ({where}); the numbers are tokens "
+                                       "retained; circled: the Pareto front (no other cell faster and more accurate)."))
+    sections.append(("accuracy", "Accuracy", [*acc, *acc_figs]))
+    speed: list = []
+    for i, (g, cells) in enumerate(sweep.groups()):
+        speed += content.speed_tables(sweep, g, cells)
+        suffix = "" if len(sweep.groups()) == 1 else f"_{i + 1}"
+        files = figures.ssd_speedup_vs_length(sweep, cells, out, f"ssd_speedup_vs_length{suffix}",
+                                              f"{g[0]} on {g[1]}:{g[2]}")
+        written += files
+        if files:
+            speed.append((files[0], "SSD: each sample's decode speedup against greedy decoding (its paired baseline) "
+                                    "by the sample's output length, with the binned median per cell."))
+    sections.append(("speed", "Speed", speed))
+    ablations = content.ablation_tables(sweep)
+    if ablations:
+        sections.append(("ablations", "Ablations", ablations))
+    maps = []
+    for i, (g, cells) in enumerate(sweep.groups()):
+        for file, caption in figures.keep_maps(sweep, cells, out, f"keep_maps{'' if len(sweep.groups()) == 1 else i + 1}"):
+            maps.append((file, caption))
+            written += [file, file[:-4] + ".pdf"]
+    if maps:
+        sections.append(("keep-maps", "Keep maps", maps))
+    pub = [content.published_table("TwigVLM paper Table 1")]
+    sections.append(("published", "Published numbers (LLaVA-1.5-7B)", pub))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    tables = [x for _, _, items in sections for x in items if isinstance(x, Table)]
+    (out / "tables.tex").write_text(latex_document(tables))
+    (out / "report.md").write_text(_markdown(sweep, sections))
+    (out / "index.html").write_text(_html(sweep, sections))
+    cells_csv(sweep).to_csv(out / "cells.csv", index=False)
+    return written + ["tables.tex", "report.md", "index.html", "cells.csv"]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    base = table[table["method"] == "baseline"]
-    swept = table[table["method"] != "baseline"]
-    for series, g in swept[swept["budget_tokens"].notna()].groupby("series"):
-        g = g.sort_values("budget_tokens")
-        ax.plot(g["budget_tokens"], 100 * g["accuracy"], marker="o", label=series)
-    for _, r in swept[swept["budget_tokens"].isna()].iterrows():  # budget-free controls (blind)
-        ax.axhline(100 * r["accuracy"], color="grey", linestyle=":", label=r["series"])
-    if not base.empty:
-        ax.axhline(100 * base["accuracy"].iloc[0], color="black", linestyle="--", label="baseline (all tokens)")
-    ax.set_xlabel("visual tokens retained (equal-token average)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def _markdown(sweep: Sweep, sections) -> str:
+    lines = [f"# Report: {sweep.experiment}", ""] + [f"- **{k}**: {v}" for k, v in protocol(sweep)] + [""]
+    for _, title, items in sections:
+        lines += [f"## {title}", ""]
+        for x in items:
+            lines.append(markdown(x) if isinstance(x, Table) else f"![{x[1]}]({x[0]})\n\n*{x[1]}*\n")
+    return "\n".join(lines)
+
+
+def _html(sweep: Sweep, sections) -> str:
+    e = html.escape
+    head = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in protocol(sweep))
+    nav = "".join(f'<a href="#{sid}">{e(title)}</a>' for sid, title, _ in sections)
+    body = []
+    for sid, title, items in sections:
+        body.append(f'<h2 id="{sid}">{e(title)}</h2>')
+        body += [html_table(x) if isinstance(x, Table) else _figure_html(*x) for x in items]
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(sweep.experiment)} — twigbench '
+            f'report</title><style>{STYLE}</style></head><body><h1>Report: {e(sweep.experiment)}</h1>'
+            f'<dl class="protocol">{head}</dl><nav>{nav}</nav>{"".join(body)}<p class="notes">Written by twigbench '
+            f'from MLflow (no model was run); tables.tex and report.md hold the same tables.</p></body></html>\n')
+
+
+def cells_csv(sweep: Sweep) -> pd.DataFrame:
+    return pd.DataFrame([{"label": c.label, "series": c.series, "method": c.method, "tokens": c.tokens,
+                          "model": c.model, "dataset": c.dataset, "split": c.split, "run_id": c.run_id,
+                          **{f"params.{k}": v for k, v in sorted(c.params.items())},
+                          **{f"metrics.{k}": v for k, v in sorted(c.metrics.items())}} for c in sweep.cells])
 
 
 def build_report(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, parent_run_id: str | None = None,
-                 out_dir: Path | None = None) -> Path:
-    parent_run_id, runs = cell_runs(tracking_uri, experiment, parent_run_id)
-    if runs.empty:
-        raise ValueError(f"sweep {parent_run_id} of {experiment!r} has no cell runs")
-    d = Path(out_dir or default_out_dir()) / experiment
-    d.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in ("params.model", "params.dataset", "params.split") if k in runs]
-    groups = list(runs.groupby(keys, sort=False)) if keys else [((), runs)]
-    sections, tables = [], []
-    for i, (key, g) in enumerate(groups):
-        key = key if isinstance(key, tuple) else (key,)
-        model, dataset, split = (list(key) + ["?", "?", "?"])[:3]
-        table = cell_table(g)
-        figure = "accuracy_vs_budget.png" if len(groups) == 1 else f"accuracy_vs_budget_{i + 1}.png"
-        plot(table, d / figure)
-        meta = (f"Model `{model}`, dataset `{dataset}` ({split} split), MLflow sweep run `{parent_run_id}` "
-                f"in `{tracking_uri}`.{timing_note(g)}")
-        title = f"Sweep report: {experiment}" + ("" if len(groups) == 1 else f" — {model} / {dataset}:{split}")
-        sections.append(markdown(table, title, meta, figure))
-        tables.append(table.assign(model=model, dataset=dataset, split=split))
-    (d / "report.md").write_text("\n".join(sections))
-    pd.concat(tables).to_csv(d / "cells.csv", index=False)
-    return d / "report.md"
+                 out_dir: Path | None = None, attach: bool = True) -> Path:
+    """Write the report of a sweep (default: the experiment's latest finished one) and attach it to
+    the sweep's parent run; returns the path of index.html."""
+    sweep = load_sweep(experiment, tracking_uri, parent_run_id)
+    out = Path(out_dir or default_out_dir()) / experiment
+    out.mkdir(parents=True, exist_ok=True)
+    written = render(sweep, out)
+    if attach:
+        client = _mlflow(tracking_uri).MlflowClient()
+        for name in written:
+            client.log_artifact(sweep.parent_id, str(out / name), "report")
+    return out / "index.html"
