@@ -97,8 +97,9 @@ def main(argv=None) -> int:
             print(f"report: {path}")
         from harness.tracking import ui_hint
 
-        print(f"browse: {ui_hint(args.tracking_uri, outcome.experiment_id)}"
-              + ("  (or: make ui)" if args.tracking_uri == "sqlite:///mlflow.db" else ""))
+        print(f"browse: {ui_hint(args.tracking_uri, outcome.experiment_id, outcome.parent_id)}"
+              + ("  (or: make ui)" if args.tracking_uri == "sqlite:///mlflow.db" else "")
+              + "\n  (that page: a curve per method against visual tokens; clear the search box for every run)")
         return 0
     if args.command == "report":
         from harness.preflight import check_output_dir

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from harness.records import SampleRecord
 
@@ -146,9 +147,10 @@ class SweepStore:
         _write_artifact(self.mlflow, self.parent_id, "cells.json", cells_json)
         return False
 
-    def children(self, role: str = "cell") -> list:
+    def children(self) -> list:
+        """The sweep's cell runs."""
         return self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_id}' "
-                                       f"and tags.role = '{role}'", max_results=50000)
+                                       "and tags.role = 'cell'", max_results=50000)
 
     def finished_cells(self) -> dict[str, str]:
         """cell hash -> run id of the FINISHED children; every other child (FAILED, or RUNNING
@@ -191,7 +193,8 @@ class SweepStore:
         metrics at step = visual tokens retained (params.budget_tokens): MLflow's line charts then
         draw a curve per method against the budget. Replaces the sweep's earlier series runs;
         returns how many it logged."""
-        for r in self.children("series"):
+        for r in self.client.search_runs([self.experiment_id], f"tags.role = 'series' and "
+                                         f"tags.sweep_run_id = '{self.parent_id}'", max_results=50000):
             self.client.delete_run(r.info.run_id)
         cells = [r for r in self.children() if r.info.status == "FINISHED"
                  and "budget_tokens" in r.data.params and "series" in r.data.tags]
@@ -205,9 +208,10 @@ class SweepStore:
                     curves.setdefault(series, {}).setdefault(f"vs_tokens/{name}", {})[
                         int(float(r.data.params["budget_tokens"]))] = r.data.metrics[name]
         for series, metrics in curves.items():
+            # not nested under the sweep: MLflow's charts draw only the runs its table shows, and
+            # it shows a parent's children collapsed
             run = self.client.create_run(self.experiment_id, run_name=f"curve {series}",
-                                         tags={"role": "series", "series": series,
-                                               "mlflow.parentRunId": self.parent_id})
+                                         tags={"role": "series", "series": series, "sweep_run_id": self.parent_id})
             entities = [m for name, points in metrics.items() for step, v in sorted(points.items())
                         for m in _metrics({name: v}, step=int(step))]
             for i in range(0, len(entities), 1000):
@@ -250,9 +254,19 @@ def cell_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
     return parent_run_id, runs
 
 
-def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
-    """How to open the experiment in the MLflow UI, in its machine-learning view (runs and charts)."""
+def ui_page(experiment_id: str, parent_run_id: str | None = None) -> str:
+    """The UI page of an experiment in the machine-learning view; with a sweep's run id, its chart
+    view filtered to the sweep's series runs (a curve per method against visual tokens)."""
     page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if parent_run_id:
+        page += ("&compareRunsMode=CHART&searchFilter="
+                 + quote(f"tags.role = 'series' and tags.sweep_run_id = '{parent_run_id}'", safe=""))
+    return page
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, parent_run_id: str | None = None, port: int = 5000) -> str:
+    """How to open the experiment (or a sweep's curves) in the MLflow UI."""
+    page = ui_page(experiment_id, parent_run_id)
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{page}"
     if tracking_uri.startswith("sqlite:///"):

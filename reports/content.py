@@ -98,6 +98,8 @@ def _bold(rows: list[tuple[CellRun, list, Row]], columns: range) -> None:
         vals = [(v[j], r) for c, v, r in rows if not c.is_control and v[j] is not None and v[j] == v[j]]
         if len(vals) < 2:
             continue
+        if len({round(v, 4) for v, _ in vals}) == 1:  # all equal: nobody is best
+            continue
         best = max(round(v, 4) for v, _ in vals)
         for v, r in vals:
             if round(v, 4) == best:
@@ -107,14 +109,14 @@ def _bold(rows: list[tuple[CellRun, list, Row]], columns: range) -> None:
 # ---- accuracy --------------------------------------------------------------------------------
 def accuracy_columns(groups: list[tuple[tuple, list[CellRun]]]) -> list[tuple[tuple, str, str, str | None]]:
     """(group, metric, title, benchmark) per column: the question types of a dataset that has
-    several, else the dataset itself as one benchmark."""
+    several (the embedded benchmark), else the dataset itself as one benchmark."""
     cols = []
     for g, cells in groups:
         types = {k[len("accuracy_"):] for c in cells for k in c.metrics
                  if k.startswith("accuracy_") and not k.startswith("accuracy_diff")}
         ordered = [t for t in QUESTION_TYPES if t in types] + sorted(types - set(QUESTION_TYPES))
         prefix = f"{g[1]}: " if len(groups) > 1 else ""
-        if len(ordered) > 1:
+        if len(ordered) > 1 and not published.benchmark_name(g[1]):  # a known benchmark: one column
             cols += [(g, f"accuracy_{t}", prefix + t, None) for t in ordered]
         else:
             cols.append((g, "accuracy", published.benchmark_name(g[1]) or g[1], g[1]))

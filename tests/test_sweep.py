@@ -83,9 +83,11 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
     assert len(rec["merged"]["-1"]) == int(vz["params.contextual"])
 
     report = (tmp_path / "reports" / "e2e" / "report.md").read_text()
-    assert "| fastv |" in report and "| oracle |" in report and "| visionzip |" in report
-    assert "`sparsevlm` at 60 tokens: measured" in report
-    assert (tmp_path / "reports" / "e2e" / "accuracy_vs_budget.png").stat().st_size > 1000
+    assert "| *Retain 60 tokens (↓ 58.3 %)* |" in report
+    assert "| fastv[K=1] |" in report and "| *oracle* |" in report and "| visionzip |" in report
+    assert "sparsevlm at 60 tokens processes" in report
+    for name in ("index.html", "tables.tex", "accuracy_vs_tokens.png", "accuracy_vs_speedup.pdf"):
+        assert (tmp_path / "reports" / "e2e" / name).stat().st_size > 1000, name
 
 
 def test_relative_metrics_need_a_baseline_cell(tiny_llava_dir):
