@@ -32,7 +32,8 @@ report: $(STAMP)  ## rewrite the default experiment's report from MLflow
 	$(BIN)/twigbench report default
 
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 for ./mlflow.db
-	@echo "MLflow UI: http://127.0.0.1:5000  (Ctrl-C to stop)"
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning  (Ctrl-C to stop;"
+	@echo "  make sweep / make report print the link to a sweep's curves)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 BENCH_STORAGE := file://$(CURDIR)/.benchmarks

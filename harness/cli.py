@@ -103,11 +103,13 @@ def main(argv=None) -> int:
         return 0
     if args.command == "report":
         from harness.preflight import check_output_dir
-        from reports.build import build_report
+        from harness.tracking import ui_hint
+        from reports.build import build
 
         try:
             check_output_dir(_report_dir(args) / args.experiment)
-            print(build_report(args.experiment, args.tracking_uri, args.run_id, _report_dir(args)))
+            path, sweep = build(args.experiment, args.tracking_uri, args.run_id, _report_dir(args))
+            print(f"report: {path}\nbrowse: {ui_hint(args.tracking_uri, sweep.experiment_id, sweep.parent_id)}")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -169,6 +169,11 @@ def build_report(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, pare
                  out_dir: Path | None = None, attach: bool = True) -> Path:
     """Write the report of a sweep (default: the experiment's latest finished one) and attach it to
     the sweep's parent run; returns the path of index.html."""
+    return build(experiment, tracking_uri, parent_run_id, out_dir, attach)[0]
+
+
+def build(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, parent_run_id: str | None = None,
+          out_dir: Path | None = None, attach: bool = True) -> tuple[Path, Sweep]:
     sweep = load_sweep(experiment, tracking_uri, parent_run_id)
     out = Path(out_dir or default_out_dir()) / experiment
     out.mkdir(parents=True, exist_ok=True)
@@ -177,4 +182,4 @@ def build_report(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, pare
         client = _mlflow(tracking_uri).MlflowClient()
         for name in written:
             client.log_artifact(sweep.parent_id, str(out / name), "report")
-    return out / "index.html"
+    return out / "index.html", sweep

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from reports.content import tier
 from reports.load import CellRun, Sweep
 
 MERGE_RGB = np.array([0, 90, 255], dtype=np.uint16)
@@ -243,7 +242,7 @@ def sample_image(uid: str) -> Image.Image | None:
 def keep_maps(sweep: Sweep, cells: list[CellRun], out: Path, name: str, samples: int = 2) -> list[tuple[str, str]]:
     """One figure per chosen sample: a row per method, a column per budget. Returns (file, caption)."""
     budgeted = [c for c in cells if c.budgeted]
-    if not budgeted:
+    if not budgeted or budgeted[0].dataset != "shapes":  # the images of the project's own benchmark only
         return []
     first = sweep.records(budgeted[0])
     wanted = []
@@ -290,6 +289,3 @@ def keep_maps(sweep: Sweep, cells: list[CellRun], out: Path, name: str, samples:
                               "panel at the pruning point whose kept count is closest to the budget."))
     return results
 
-
-def figure_tier(c: CellRun):
-    return tier(c)

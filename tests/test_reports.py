@@ -272,3 +272,14 @@ def test_the_mlflow_side_charts_times_rounding_and_attached_report(recorded):
     assert "mlflow.parentRunId" not in curve.data.tags  # charted: the UI hides collapsed children
     files = {f.path for f in client.list_artifacts(pid, "report")}
     assert {"report/index.html", "report/report.md", "report/tables.tex", "report/accuracy_vs_tokens.png"} <= files
+
+
+def test_a_sweep_without_its_baseline_still_reports(tmp_path):
+    """The baseline cell failed (not FINISHED): the others are reported without relative figures."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    record_sweep(uri, "nobase", cells=CELLS[2:4])
+    index = build_report("nobase", uri, None, tmp_path / "out")
+    t = content.accuracy_table(load_sweep("nobase", uri), "embedded")
+    assert [h for h, _ in t.groups] == ["Retain 48 tokens (↓ 66.7 %)", "Retain 16 tokens (↓ 88.9 %)"]
+    assert all(r.cells[t.columns.index("RelAcc")] == "" for r in t.rows())
+    assert "Speed — short answers" in index.read_text()
