@@ -254,6 +254,13 @@ def cell_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
     return parent_run_id, runs
 
 
+def resolved_uri(tracking_uri: str) -> str:
+    """A sqlite store with its absolute path (what a UI started elsewhere must be given)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):].split("?")[0]).resolve())
+    return tracking_uri
+
+
 def ui_page(experiment_id: str, parent_run_id: str | None = None) -> str:
     """The UI page of an experiment in the machine-learning view; with a sweep's run id, its chart
     view filtered to the sweep's series runs (a curve per method against visual tokens)."""
@@ -269,9 +276,6 @@ def ui_hint(tracking_uri: str, experiment_id: str, parent_run_id: str | None = N
     page = ui_page(experiment_id, parent_run_id)
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{page}"
-    if tracking_uri.startswith("sqlite:///"):
-        store = "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):].split("?")[0]).resolve())
-    else:
-        store = tracking_uri
+    store = resolved_uri(tracking_uri)
     return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {store} --host 127.0.0.1 "
             f"--port {port}, then open http://127.0.0.1:{port}/{page}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.tracking import DEFAULT_TRACKING_URI, _mlflow
+from harness.tracking import DEFAULT_TRACKING_URI, _mlflow, resolved_uri
 from reports import content, figures
 from reports.load import Sweep, load_sweep
 from reports.tables import Table, html_table, latex_document, markdown
@@ -60,7 +60,8 @@ def protocol(sweep: Sweep) -> list[tuple[str, str]]:
         ("git commit", sweep.tags.get("git_commit", "?")),
         ("versions", f"torch {sweep.tags.get('torch_version', '?')}, transformers "
                      f"{sweep.tags.get('transformers_version', '?')}, twigbench {sweep.tags.get('harness_version', '?')}"),
-        ("MLflow", f"sweep run {sweep.parent_id} (experiment {sweep.experiment_id}) in {sweep.tracking_uri}"),
+        ("MLflow", f"sweep run {sweep.parent_id} (experiment {sweep.experiment_id}) in "
+                   f"{resolved_uri(sweep.tracking_uri)}"),
         ("swept", f"{_when(sweep.start_ms)} – {_when(sweep.end_ms)}, {len(sweep.cells)} finished cells"),
     ]
     return lines

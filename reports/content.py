@@ -165,9 +165,9 @@ def accuracy_table(sweep: Sweep, model: str) -> Table:
         rel = statistics.fmean(rels) if rels else None
         label = series
         note = notes_by_key.get(f"{series}@{first.tokens}")
-        if note:
+        if note:  # the measured equal-token average beside the budget, the reason in the note
             marks.append(note)
-            label += " " + "†" * len(marks)
+            label += f" ({first.metrics['equal_token_average']:.1f} tokens) " + "†" * len(marks)
         row_vals = vals + ([avg] if len(cols) > 1 else []) + [rel]
         cells_text = [label, *texts] + ([pct(avg)] if len(cols) > 1 else []) + [pct(rel)]
         if single:

@@ -131,7 +131,7 @@ def test_accuracy_table_has_the_papers_row_groups_columns_and_relacc(recorded):
     assert oracle.muted and not oracle.bold and float(oracle.cells[avg]) > float(best.cells[avg])
     # the equal-token average beside the budget, with the reason
     sparse = next(r for r in g48 if r.cells[0].startswith("sparsevlm"))
-    assert sparse.cells[0] == "sparsevlm †"
+    assert sparse.cells[0] == "sparsevlm (56.4 tokens) †"
     assert any("56.4" in n and "48.2" in n and n.startswith("†") for n in t.notes)
     # the paired interval of the difference to the upper bound
     m = next(c for c in sweep.cells if c.label == "fastv@48").metrics
