@@ -88,13 +88,13 @@ def main(argv=None) -> int:
               f"{len(outcome.ran)} cell(s) run, {len(outcome.skipped)} already finished, "
               f"{len(outcome.failed)} failed; MLflow parent run {outcome.parent_id} in {args.tracking_uri} "
               f"(experiment {exp.name!r})")
+        if not args.no_report and (outcome.ok or outcome.metrics):  # the finished cells, even if some failed
+            path = build_report(exp.name, args.tracking_uri, outcome.parent_id, _report_dir(args))
+            print(f"report: {path}" + ("" if outcome.ok else " (the finished cells only)"))
         if not outcome.ok:
             print(f"error: {len(outcome.failed)} cell(s) failed: {', '.join(outcome.failed)}; run the same "
                   f"command again to retry them", file=sys.stderr)
             return 1
-        if not args.no_report:
-            path = build_report(exp.name, args.tracking_uri, outcome.parent_id, _report_dir(args))
-            print(f"report: {path}")
         from harness.tracking import ui_hint
 
         print(f"browse: {ui_hint(args.tracking_uri, outcome.experiment_id, outcome.parent_id)}"

@@ -122,7 +122,10 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, ex
             outcome.drift = closing_pass(ws, exp, outcome, store, log)
         except Exception as e:  # the cells are logged already: a failed re-timing must not lose them
             log(f"WARNING: the closing timing pass failed ({type(e).__name__}: {e}); no drift logged")
-    store.log_curves()
+    try:
+        store.log_curves()
+    except Exception as e:  # charts only: the cells are logged already
+        log(f"WARNING: the series runs (MLflow curves) were not logged ({type(e).__name__}: {e})")
     store.close(outcome.ok)
     outcome.experiment_id = store.experiment_id
     return outcome

@@ -198,11 +198,14 @@ class SweepStore:
             self.client.delete_run(r.info.run_id)
         cells = [r for r in self.children() if r.info.status == "FINISHED"
                  and "budget_tokens" in r.data.params and "series" in r.data.tags]
-        several = len({(r.data.tags.get("model"), r.data.tags.get("dataset")) for r in cells}) > 1
+        def group(r) -> str:  # the cells that share a baseline
+            p = r.data.params
+            return f"{r.data.tags.get('model')} {p.get('dtype')} {p.get('attn_implementation')}, {r.data.tags.get('dataset')}"
+
+        several = len({group(r) for r in cells}) > 1
         curves: dict[str, dict[str, dict[int, float]]] = {}
         for r in cells:
-            t = r.data.tags
-            series = t["series"] + (f" ({t.get('model')}, {t.get('dataset')})" if several else "")
+            series = r.data.tags["series"] + (f" ({group(r)})" if several else "")
             for name in CURVES:
                 if name in r.data.metrics:
                     curves.setdefault(series, {}).setdefault(f"vs_tokens/{name}", {})[

@@ -62,7 +62,9 @@ def protocol(sweep: Sweep) -> list[tuple[str, str]]:
                      f"{sweep.tags.get('transformers_version', '?')}, twigbench {sweep.tags.get('harness_version', '?')}"),
         ("MLflow", f"sweep run {sweep.parent_id} (experiment {sweep.experiment_id}) in "
                    f"{resolved_uri(sweep.tracking_uri)}"),
-        ("swept", f"{_when(sweep.start_ms)} – {_when(sweep.end_ms)}, {len(sweep.cells)} finished cells"),
+        ("swept", f"{_when(sweep.start_ms)} – {_when(sweep.end_ms)}, {len(sweep.cells)} finished cells"
+                  + ("" if sweep.status == "FINISHED" else f"; the sweep is {sweep.status}: failed cells are "
+                     "missing from every table")),
     ]
     return lines
 

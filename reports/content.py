@@ -4,7 +4,7 @@
   (↓ x %)" per budget (and "No visual tokens"), a row per method, a column per benchmark (per
   question type on the embedded benchmark), Avg., RelAcc and the paired 95 % interval of the
   accuracy difference; the best method of each group in bold (controls never count as best);
-  published values beside the cells whose model, benchmark, method and tokens match one;
+  published values beside the cells whose model, benchmark, method, settings and tokens match;
 - speed, for short answers and long generation separately (the papers' TextVQA vs MM-Vet split;
   here: the short question types vs `describe`), recomputed from the samples' timings with the
   harness's own protocol (`harness.measure`);
@@ -124,52 +124,60 @@ def accuracy_columns(groups: list[tuple[tuple, list[CellRun]]]) -> list[tuple[tu
 
 
 def accuracy_table(sweep: Sweep, model: str) -> Table:
+    """The accuracy table of one model (variant): its datasets' columns. Avg. is the cell's
+    accuracy over all its samples (one dataset) or the mean over the datasets; RelAcc is accuracy
+    relative to the upper bound's, per dataset and then averaged over the datasets (TwigVLM's
+    RelAcc over benchmarks)."""
     groups = [(g, cells) for g, cells in sweep.groups() if g[0] == model]
     cols = accuracy_columns(groups)
     cells = [c for _, cs in groups for c in cs]
     refs = {g: next((c for c in cs if c.is_reference), None) for g, cs in groups}
     num_visual = max(c.num_visual for c in cells)
     single = len(groups) == 1
+    avg_col = len(cols) > 1
     notes_by_key = token_notes(cells)
     # rows: (tier, series) -> {group: cell}, in the sweep's order
     rows: dict[tuple, dict] = {}
     for c in cells:
         rows.setdefault((tier(c), c.series), {})[c.group] = c
-    columns = ["Method", *[t for _, _, t, _ in cols]] + (["Avg."] if len(cols) > 1 else []) + ["RelAcc"] + (
+    columns = ["Method", *[t for _, _, t, _ in cols]] + (["Avg."] if avg_col else []) + ["RelAcc"] + (
         ["Δ vs upper bound (95 % CI)"] if single else [])
+    sources: list[str] = []
     matched, marks = [], []
     by_tier: dict[tuple, list] = {}
     for (key, series), per_group in rows.items():
         first = next(iter(per_group.values()))
-        vals, rels, texts = [], [], []
+        vals, texts = [], []
         for g, metric, _, bench in cols:
             c = per_group.get(g)
             v = c.metrics.get(metric) if c else None
             vals.append(v)
-            ref = refs.get(g)
-            base = ref.metrics.get(metric) if ref else None
-            if v is not None and base:
-                rels.append(v / base)
             text = score(v)
-            if bench and c is not None:
-                pub = published.lookup(model, bench, c.method, c.tokens, c.ssd)
+            if bench and c is not None and v is not None:
+                pub = published.lookup(c.model, bench, c.method, c.tokens, c.ssd, c.params, c.series)
                 if pub:
-                    p = pub[0]
-                    delta = (100 * v - p.value) if v is not None and abs(v) <= 1 else (v or 0) - p.value
-                    text += f" · pub {p.value:g} ({signed(delta)})"
-                    matched.append(f"{series} at {c.tokens} tokens on {p.benchmark}: published {p.value:g} "
-                                   f"({p.source})")
+                    parts = []
+                    for p in pub:
+                        if p.source not in sources:
+                            sources.append(p.source)
+                        delta = 100 * v - p.value if abs(v) <= 1 else v - p.value
+                        parts.append(f"{p.value:g}{'*' * (sources.index(p.source) + 1)} ({signed(delta)})")
+                    text += " · pub " + " / ".join(parts)
+                    matched.append(f"{series} at {c.tokens} tokens on {pub[0].benchmark}")
             texts.append(text)
-        avg = statistics.fmean(v for v in vals if v is not None) if len(cols) > 1 and any(
-            v is not None for v in vals) else None
+        measured = [(g, c) for g, c in per_group.items() if "accuracy" in c.metrics]
+        avg = (first.metrics.get("accuracy") if single else
+               statistics.fmean(c.metrics["accuracy"] for _, c in measured) if measured else None)
+        rels = [c.metrics["accuracy"] / refs[g].metrics["accuracy"] for g, c in measured
+                if refs.get(g) is not None and refs[g].metrics.get("accuracy")]
         rel = statistics.fmean(rels) if rels else None
         label = series
         note = notes_by_key.get(f"{series}@{first.tokens}")
         if note:  # the measured equal-token average beside the budget, the reason in the note
             marks.append(note)
             label += f" ({first.metrics['equal_token_average']:.1f} tokens) " + "†" * len(marks)
-        row_vals = vals + ([avg] if len(cols) > 1 else []) + [rel]
-        cells_text = [label, *texts] + ([pct(avg)] if len(cols) > 1 else []) + [pct(rel)]
+        row_vals = vals + ([avg] if avg_col else []) + [rel]
+        cells_text = [label, *texts] + ([pct(avg)] if avg_col else []) + [pct(rel)]
         if single:
             m = first.metrics
             d = m.get("accuracy_diff")
@@ -182,19 +190,25 @@ def accuracy_table(sweep: Sweep, model: str) -> Table:
     for key in sorted(by_tier):
         entries = by_tier[key]
         if key[0] == 1:
-            _bold(entries, range(len(cols) + (1 if len(cols) > 1 else 0) + 1))
+            _bold(entries, range(len(cols) + (1 if avg_col else 0) + 1))
         table_groups.append((heading(key, num_visual), [r for _, _, r in entries]))
     bench = ", ".join(f"{g[1]} ({g[2]} split)" for g, _ in groups)
-    caption = (f"{model} on {bench}: accuracy in %; RelAcc is the mean over the columns of each accuracy "
-               f"relative to the upper bound's (100 % for the upper bound itself)"
+    caption = (f"{model} on {bench}: accuracy in %"
+               + ("; Avg. is the accuracy over all the samples (the question types are equally many)" if single and
+                  avg_col else "; Avg. is the mean over the benchmarks" if avg_col else "")
+               + "; RelAcc is the accuracy relative to the upper bound's"
+               + ("" if single else " on each benchmark, averaged over the benchmarks")
                + ("; Δ is the paired difference to the upper bound in points with its 95 % bootstrap interval"
                   if single else "")
                + ". Bold: the best method of each group (controls in italics never count). Tokens are "
                  "visual tokens retained per layer, averaged over the layers (the equal-token convention).")
     notes = [f"{'†' * (i + 1)} {n}" for i, n in enumerate(marks)]
     if matched:
-        notes.append("pub: published value (same model, benchmark, method and tokens) and the difference "
-                     "measured − published: " + "; ".join(matched))
+        notes.append("pub: the published value of the same model, benchmark, method, settings and tokens, with the "
+                     "difference measured − published; sources: " + "; ".join(
+                         f"{'*' * (i + 1)} {src}" for i, src in enumerate(sources))
+                     + " (see reports/published.py for the known disagreements between sources). Matched: "
+                     + "; ".join(matched) + ".")
     return Table(f"Accuracy — {model}", columns, table_groups, caption, notes, key=f"accuracy-{_slug(model)}")
 
 
@@ -258,8 +272,9 @@ def speed_tables(sweep: Sweep, group: tuple, cells: list[CellRun]) -> list[Table
                    "against the baseline timed beside each sample (or the baseline cell) with its 95 % bootstrap "
                    "interval" + ("; τ = tokens per target forward, acceptance rate of the drafted tokens" if ssd else "")
                    + ("; GPU and roofline columns are the cell's over all its samples" if extra else "") + ".")
-        out.append(Table(f"Speed — {name}" + (f" ({group[1]})" if len(sweep.groups()) > 1 else ""), columns, groups,
-                         caption, key=f"speed-{_slug(name)}-{_slug(group[1])}"))
+        several = len(sweep.groups()) > 1
+        out.append(Table(f"Speed — {name}" + (f" ({group[0]}, {group[1]}:{group[2]})" if several else ""), columns,
+                         groups, caption, key=f"speed-{_slug(name)}-{_slug(' '.join(group))}"))
     return out
 
 
@@ -315,8 +330,9 @@ def ablation_tables(sweep: Sweep) -> list[Table]:
             caption = (f"{group[0]} on {group[1]}, {tokens} visual tokens retained; every other swept setting fixed"
                        + (f" ({fixed})" if fixed else "") + ". RelAcc against the upper bound; speedups against the "
                        "baseline with 95 % intervals.")
-            out.append(Table(f"Ablation: {title} — {name} at {tokens} tokens", columns, [("", table_rows)], caption,
-                             key=f"ablation-{_slug(name)}-{tokens}-{_slug(k)}"))
+            where = f" ({group[0]}, {group[1]}:{group[2]})" if len(sweep.groups()) > 1 else ""
+            out.append(Table(f"Ablation: {title} — {name} at {tokens} tokens{where}", columns, [("", table_rows)],
+                             caption, key=f"ablation-{_slug(name)}-{tokens}-{_slug(k)}-{_slug(' '.join(group))}"))
     return out
 
 

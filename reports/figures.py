@@ -125,7 +125,7 @@ def accuracy_vs_speedup(cells: list[CellRun], out: Path, name: str, title: str, 
         methods = [(c, x, y) for c, x, y in pts if not c.is_control]  # the front of what one would deploy
         front = [methods[i] for i in pareto_front([(x, y) for _, x, y in methods])]
         ax.plot([x for _, x, _ in front], [y for _, _, y in front], color="black", linewidth=1,
-                drawstyle="steps-post", label="Pareto front (methods)")
+                drawstyle="steps-pre", label="Pareto front (methods)")
         ax.scatter([x for _, x, _ in front], [y for _, _, y in front], facecolors="none", edgecolors="black", s=90)
         ax.set_xlabel(f"{key.replace('_', ' ')} against the upper bound (×)")
         ax.set_ylabel("accuracy (%)")
@@ -224,7 +224,8 @@ def kept_patches(record, tokens: int) -> tuple[set[int] | None, set[int], str]:
     for k in sorted(record.merged, key=int):
         if int(k) <= int(layer):
             for token, sources in record.merged[k].items():
-                merged |= {p for p in sources if p >= 0 and p not in kept}
+                if int(token) in kept:  # a merged token still there at the drawn point
+                    merged |= {p for p in sources if p >= 0 and p not in kept}
     where = "before the LLM" if layer == "-1" else f"after layer {layer}"
     return kept, merged, f"{len(record.keep[layer])} kept {where}"
 
@@ -258,7 +259,8 @@ def keep_maps(sweep: Sweep, cells: list[CellRun], out: Path, name: str, samples:
     for uid in wanted:
         image = sample_image(uid)
         grid = math.isqrt(budgeted[0].num_visual)
-        if image is None or grid * grid != budgeted[0].num_visual:
+        if image is None or grid * grid != budgeted[0].num_visual or image.width != image.height \
+                or image.width % grid:  # patches must tile the image exactly
             continue
         panel = image.width * SCALE
         label_w, head_h, cap_h = 150, 34, 14

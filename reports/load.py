@@ -23,6 +23,7 @@ class CellRun:
     tags: dict
     start_ms: int | None = None
     end_ms: int | None = None
+    variant: str = ""  # the model as the report names it (load_sweep: with dtype / attention when they vary)
     _records: list[SampleRecord] | None = field(default=None, repr=False)
 
     @property
@@ -76,7 +77,8 @@ class CellRun:
 
     @property
     def group(self) -> tuple[str, str, str]:
-        return self.model, self.dataset, self.split
+        """(model variant, dataset, split): the cells that share a baseline."""
+        return self.variant or self.model, self.dataset, self.split
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Sweep:
     cells: list[CellRun]
     start_ms: int | None = None
     end_ms: int | None = None
+    status: str = "FINISHED"  # FAILED: some cells failed (the report shows the finished ones)
 
     def records(self, cell: CellRun) -> list[SampleRecord]:
         """The cell's samples.jsonl (downloaded once)."""
@@ -122,11 +125,13 @@ def load_sweep(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, parent
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
-    if parent_run_id is None:
+    if parent_run_id is None:  # the latest finished sweep, else the latest one (some cells failed)
         parents = client.search_runs([exp.experiment_id], "tags.role = 'sweep' and attributes.status = 'FINISHED'",
-                                     order_by=["attributes.end_time DESC"], max_results=1)
+                                     order_by=["attributes.end_time DESC"], max_results=1) or \
+            client.search_runs([exp.experiment_id], "tags.role = 'sweep'", order_by=["attributes.start_time DESC"],
+                               max_results=1)
         if not parents:
-            raise ValueError(f"experiment {experiment!r} has no finished sweep in {tracking_uri}")
+            raise ValueError(f"experiment {experiment!r} has no sweep in {tracking_uri}")
         parent = parents[0]
     else:
         parent = client.get_run(parent_run_id)
@@ -137,10 +142,16 @@ def load_sweep(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, parent
         raise ValueError(f"sweep {pid} of {experiment!r} has no finished cell runs")
     cells = [CellRun(r.info.run_id, r.info.run_name or r.data.params.get("cell", "?"), dict(r.data.params),
                      dict(r.data.metrics), dict(r.data.tags), r.info.start_time, r.info.end_time) for r in runs]
+    setups: dict[str, set] = {}
+    for c in cells:
+        setups.setdefault(c.model, set()).add((c.params.get("dtype"), c.params.get("attn_implementation")))
+    for c in cells:  # one checkpoint run at several dtypes / attention implementations: one group each
+        c.variant = c.model if len(setups[c.model]) == 1 else \
+            f"{c.model} ({c.params.get('dtype')}, {c.params.get('attn_implementation')})"
     order = _cell_order(mlflow, pid, tracking_uri)
     cells.sort(key=lambda c: (order.get(c.tags.get("cell_hash"), len(order)), c.label))
     return Sweep(experiment, exp.experiment_id, tracking_uri, pid, dict(parent.data.params), dict(parent.data.tags),
-                 dict(parent.data.metrics), cells, parent.info.start_time, parent.info.end_time)
+                 dict(parent.data.metrics), cells, parent.info.start_time, parent.info.end_time, parent.info.status)
 
 
 def _cell_order(mlflow, parent_id: str, tracking_uri: str) -> dict[str, int]:

@@ -76,12 +76,31 @@ def method_name(method: str) -> str | None:
     return METHODS.get(re.split(r"[\[+@]", method)[0])
 
 
-def lookup(model: str, benchmark: str, method: str, tokens: int, ssd: bool = False) -> list[Published]:
-    """Published values for a run's cell: same model, benchmark, method and retained tokens (the
-    greedy baseline at any token count: the papers' upper bound). SSD cells have no published
-    accuracy of their own (SSD does not change the answers)."""
+# the settings the papers ran each method with (as the cells log them); a cell set otherwise, or
+# with any other setting than these and the twig checkpoint, matches no published value
+PUBLISHED_SETTINGS = {"fastv": {"K": "2"}, "twigvlm": {"K": "2", "twig_layers": "3"}}
+FREE_SETTINGS = {"K", "twig"}
+
+
+def _settings(series: str) -> set[str]:
+    inner = series.split("[", 1)[1].split("]", 1)[0] if "[" in series.split("+")[0] else ""
+    return {kv.split("=", 1)[0] for kv in inner.split(",") if kv}
+
+
+def lookup(model: str, benchmark: str, method: str, tokens: int, ssd: bool = False, params: dict | None = None,
+           series: str | None = None) -> list[Published]:
+    """Published values for a run's cell: same model, benchmark, method, retained tokens and the
+    papers' settings of the method (the greedy baseline at any token count: the papers' upper
+    bound), every source that has one. SSD cells have no published accuracy of their own (SSD does
+    not change the answers). The benchmark's split is not checked (the papers use each one's
+    standard evaluation split)."""
     m, b, meth = model_name(model), benchmark_name(benchmark), method_name(method)
     if not (m and b and meth) or ssd:
         return []
+    if series is not None and not _settings(series) <= FREE_SETTINGS:
+        return []
+    for k, v in PUBLISHED_SETTINGS.get(method, {}).items():
+        if params is not None and str(params.get(k)) != v:
+            return []
     return [p for p in table() if p.model == m and p.benchmark == b and p.method == meth
             and (meth == "baseline" or p.tokens == tokens)]

@@ -58,7 +58,7 @@ _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 _TEX_UNICODE = {"↓": r"$\downarrow$", "×": r"$\times$", "±": r"$\pm$", "−": r"$-$", "–": "--", "Δ": r"$\Delta$",
                 "δ": r"$\delta$", "θ": r"$\theta$", "τ": r"$\tau$", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
-                "≥": r"$\geq$", "≤": r"$\leq$", "…": r"\ldots{}", "→": r"$\rightarrow$", "·": r"$\cdot$"}
+                "—": "---", "≥": r"$\geq$", "≤": r"$\leq$", "…": r"\ldots{}", "→": r"$\rightarrow$", "·": r"$\cdot$"}
 
 
 def tex_escape(text: str) -> str:
