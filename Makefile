@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LMMS_EVAL := lmms-eval==0.7.3
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
@@ -14,7 +15,8 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,lmms]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(LMMS_EVAL)
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create/refresh the virtual environment (.venv)

@@ -51,6 +51,21 @@ def _peak_memory(device) -> dict:
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
 
 
+def timed_pass(adapter: ModelAdapter, method, x: dict, max_new_tokens: int, ssd: dict | None = None, twig=None,
+               sample=None):
+    """One generation of a processed prompt `x` (greedy, or SSD with `twig` as its draft), timed
+    between device syncs: (engine record, SSD stats or None, wall ms)."""
+    sync(adapter.device)
+    t0 = time.perf_counter()
+    if not ssd:
+        rec, stats = generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=sample), None
+    else:
+        rec, stats = speculative_generate(adapter, x["input_ids"], x["pixel_values"], method, twig, max_new_tokens,
+                                          delta=ssd["delta"], theta=ssd["theta"], sample=sample)
+    sync(adapter.device)
+    return rec, stats, (time.perf_counter() - t0) * 1e3
+
+
 def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict], max_new_tokens: int | None = None,
              warmup: int | None = None, baseline: list[SampleRecord] | None = None, repeats: int | None = None,
              progress: bool = False) -> CellResult:
@@ -82,15 +97,7 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
         return _timing(rec, (time.perf_counter() - t0) * 1e3), len(rec.tokens) - 1
 
     def decode(s, x):
-        sync(adapter.device)
-        t0 = time.perf_counter()
-        if not ssd:
-            rec, stats = generate(adapter, x["input_ids"], x["pixel_values"], method, max_new_tokens, sample=s), None
-        else:
-            rec, stats = speculative_generate(adapter, x["input_ids"], x["pixel_values"], method, twig,
-                                              max_new_tokens, delta=ssd["delta"], theta=ssd["theta"], sample=s)
-        sync(adapter.device)
-        return rec, stats, (time.perf_counter() - t0) * 1e3
+        return timed_pass(adapter, method, x, max_new_tokens, ssd, twig, s)
 
     for s, x in list(zip(samples, inputs))[:warmup]:  # untimed warm-up, results discarded
         decode(s, x)

@@ -1,15 +1,15 @@
-"""twigbench command line: `twigbench sweep FILE`, `twigbench report EXPERIMENT`."""
+"""twigbench command line: `twigbench sweep FILE`, `twigbench report EXPERIMENT`,
+`twigbench export-shapes DIR` (the embedded benchmark as an lmms-eval task)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _report_dir(args):
-    from pathlib import Path
-
     from reports.build import default_out_dir
 
     return Path(args.report_dir) if args.report_dir else default_out_dir()
@@ -42,7 +42,28 @@ def main(argv=None) -> int:
     rp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     rp.add_argument("--run-id", default=None, help="parent (sweep) run id; default: the latest")
     rp.add_argument("--report-dir", default=None, help="default: reports/out/ in the current folder")
+    ex = sub.add_parser("export-shapes", help="write the embedded benchmark as an lmms-eval task folder "
+                                              "(then: lmms-eval --include_path DIR --tasks shapes_<split>)")
+    ex.add_argument("out_dir")
+    ex.add_argument("--split", default="test")
+    ex.add_argument("--samples-per-type", type=int, default=40)
+    ex.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args(argv)
+
+    if args.command == "export-shapes":
+        from harness.data import DatasetError
+        from harness.lmms.tasks import export_shapes
+        from harness.preflight import PreflightError, check_output_dir
+
+        try:
+            check_output_dir(Path(args.out_dir), "task folder", "twigbench export-shapes DIR")
+            d = export_shapes(args.out_dir, args.split, args.samples_per_type, args.max_new_tokens)
+        except (DatasetError, PreflightError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"task shapes_{args.split} in {d}: lmms-eval --model twigbench --model_args pretrained=embedded "
+              f"--tasks shapes_{args.split} --include_path {Path(args.out_dir).resolve()}")
+        return 0
 
     from harness.experiment import ExperimentError, load_experiment
 

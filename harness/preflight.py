@@ -21,11 +21,11 @@ class PreflightError(ValueError):
     """A destination the sweep could not write to."""
 
 
-def check_output_dir(path: Path, what: str = "report folder") -> None:
+def check_output_dir(path: Path, what: str = "report folder", option: str = "--report-dir DIR") -> None:
     problem = writable_dir_problem(Path(path))
     if problem:
         raise PreflightError(f"{what} {str(path)!r} cannot be written ({problem}); allowed: a folder you can "
-                             f"write to (--report-dir DIR)")
+                             f"write to ({option})")
 
 
 def check_tracking_uri(uri: str) -> None:

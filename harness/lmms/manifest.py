@@ -1,0 +1,5 @@
+"""The `lmms_eval.models` entry point (pyproject.toml): lmms-eval 0.7 finds external models only
+through it (a `@register_model` decorator alone is never read by its CLI)."""
+from lmms_eval.models.registry_v2 import ModelManifest
+
+MANIFEST = ModelManifest(model_id="twigbench", simple_class_path="harness.lmms.model.TwigbenchLMM")

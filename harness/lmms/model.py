@@ -1,0 +1,130 @@
+"""The lmms-eval model `twigbench`: the harness's engine with one method and decoding choice.
+
+    lmms-eval --model twigbench --model_args pretrained=DIR,method=fastv,budget=64,K=2 --tasks mme
+
+`model_args` are an experiment cell's (harness.lmms.args), validated with the same one-line errors.
+Batch 1, greedy (or SSD, which gives the same tokens as greedy decoding of its target). Every
+request's timings and token counts are kept in `self.records` (what a cell's samples.jsonl holds).
+"""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import torch
+from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.model import lmms
+
+from harness.cell import draft_for, timed_pass
+from harness.contract import ModelShape
+from harness.engine.generate import decode_step, prefill, sync
+from harness.lmms.args import cell_from_args
+from harness.models.adapter import load_model
+
+SHAPES_TASK = "shapes_"  # the embedded benchmark's tasks (harness.lmms.tasks): docs carry the sample uid
+
+
+def _sample(task: str, doc: dict, doc_id: int):
+    """What a method may read of the sample (its uid seeds the random control; the embedded
+    benchmark's own sample, with its objects, for the oracle)."""
+    if task.startswith(SHAPES_TASK) and "uid" in doc:
+        from harness.data.synthetic import make_sample
+
+        split, _, index = doc["uid"].rpartition("-")
+        return make_sample(split, int(index), doc.get("qtype"))
+    return SimpleNamespace(uid=f"{task}-{doc_id}")
+
+
+def cut(text: str, until) -> str:
+    """The text up to the first of the stop strings."""
+    stops = [until] if isinstance(until, str) else list(until or [])
+    ends = [text.find(s) for s in stops if s and s in text]
+    return text[:min(ends)] if ends else text
+
+
+class TwigbenchLMM(lmms):
+    is_simple = True
+
+    def __init__(self, batch_size=1, device=None, max_batch_size=None, **model_args):
+        super().__init__()
+        if int(batch_size) != 1:
+            raise ValueError(f"batch_size={batch_size!r}; allowed: 1 (the harness measures batch 1)")
+        self.cell = cell_from_args(model_args)
+        m = self.cell.model
+        self.adapter = load_model(m["path"], m["dtype"], m["attn_implementation"], checkpoint=m.get("checkpoint"))
+        self.method = self.cell.build()
+        self.method.bind(self.adapter)
+        self.method.configure(ModelShape(self.adapter.num_layers, self.adapter.num_visual))
+        self.ssd = self.cell.decoding
+        self.twig = draft_for(self.adapter, self.method, self.ssd) if self.ssd else None
+        self.max_new_tokens = self.cell.generation["max_new_tokens"]
+        self.records: list[dict] = []  # one per request: task, doc_id, prediction, timings, tokens
+
+    def _inputs(self, req, task: str, split: str, doc_id: int, doc_to_visual, ctx: str):
+        doc = self.task_dict[task][split][doc_id]
+        visuals = [v for v in (doc_to_visual(doc) if doc_to_visual else []) if v is not None]
+        if len(visuals) != 1:
+            raise ValueError(f"{task} doc {doc_id} has {len(visuals)} images; allowed: exactly one (LLaVA-1.5 "
+                             "prompts hold one image)")
+        return doc, self.adapter.inputs(visuals[0].convert("RGB"), ctx)
+
+    def generate_until(self, requests) -> list[GenerationResult]:
+        out = []
+        for req in requests:
+            ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            doc, x = self._inputs(req, task, split, doc_id, doc_to_visual, ctx)
+            max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0:
+                raise ValueError(f"{task}: do_sample / temperature > 0; allowed: greedy decoding only")
+            rec, stats, wall_ms = timed_pass(self.adapter, self.method, x, max_new, self.ssd, self.twig,
+                                             _sample(task, doc, doc_id))
+            text = cut(rec.text, gen_kwargs.get("until"))
+            self.records.append({
+                "task": task, "doc_id": doc_id, "prediction": text, "tokens": rec.tokens,
+                "input_tokens": int(x["input_ids"].shape[1]), "output_tokens": len(rec.tokens),
+                "timings": {"vision_ms": rec.vision_ms, "select_ms": rec.select_ms, "prefill_ms": rec.prefill_ms,
+                            "ttft_ms": rec.vision_ms + rec.prefill_ms, "decode_ms": rec.decode_ms, "e2e_ms": wall_ms},
+                "equal_token_average": rec.equal_token_average,
+                **({} if stats is None else {"drafted": stats.drafted, "accepted": stats.accepted,
+                                             "rounds": len(stats.rounds), "target_forwards": stats.target_forwards})})
+            out.append(GenerationResult(text, TokenCounts(input_tokens=int(x["input_ids"].shape[1]),
+                                                          output_tokens=len(rec.tokens))))
+        return out
+
+    def loglikelihood(self, requests) -> list[GenerationResult]:
+        """The continuation's negative log-likelihood after a prompt prefilled with the method's
+        pruning (then the continuation teacher-forced through the pruned cache), and whether
+        greedy decoding would produce it. lmms-eval 0.7 picks a multiple choice by the smallest
+        value (its own models return the loss), and needs the pair wrapped in a GenerationResult."""
+        out = []
+        tok = self.adapter.processor.tokenizer
+        for req in requests:
+            ctx, continuation, doc_to_visual, doc_id, task, split = req.args
+            doc, x = self._inputs(req, task, split, doc_id, doc_to_visual, ctx)
+            if callable(continuation):
+                continuation = continuation(doc)
+            ids = tok(str(continuation), add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"{task} doc {doc_id}: empty continuation {continuation!r}")
+            sync(self.adapter.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                pre = prefill(self.adapter, x["input_ids"], x["pixel_values"], self.method, _sample(task, doc, doc_id))
+                logits, nll, greedy, position = pre.logits, 0.0, True, pre.prompt_len
+                for i, t in enumerate(ids):
+                    logp = torch.log_softmax(logits.float(), -1)
+                    nll -= float(logp[t])
+                    greedy = greedy and int(logits.argmax()) == t
+                    if i + 1 < len(ids):
+                        logits = decode_step(self.adapter, t, position, pre.cache)
+                        position += 1
+            sync(self.adapter.device)
+            self.records.append({"task": task, "doc_id": doc_id, "continuation": continuation, "nll": nll,
+                                 "is_greedy": greedy, "e2e_ms": (time.perf_counter() - t0) * 1e3,
+                                 "equal_token_average": sum(pre.visual_per_layer) / len(pre.visual_per_layer)})
+            out.append(GenerationResult(text=(nll, greedy)))
+        return out
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("twigbench answers single-round requests only (generate_until, loglikelihood); "
+                                  "multi-round tasks are not supported")
