@@ -66,6 +66,108 @@ def timed_pass(adapter: ModelAdapter, method, x: dict, max_new_tokens: int, ssd:
     return rec, stats, (time.perf_counter() - t0) * 1e3
 
 
+class CellRunner:
+    """A cell's method, draft and protocol, ready to measure one sample at a time (the native
+    sweep's run_cell and the lmms-eval model share it): `warm` runs a sample untimed; `measure`
+    times it `repeats` times (the baseline beside every repeat with timing.paired) into a record."""
+
+    def __init__(self, adapter: ModelAdapter, cell: Cell, max_new_tokens: int | None = None,
+                 repeats: int | None = None):
+        self.adapter, self.cell = adapter, cell
+        self.max_new_tokens = max_new_tokens or cell.generation["max_new_tokens"]
+        self.repeats = repeats or cell.timing["repeats"]
+        self.method = cell.build()
+        self.method.bind(adapter)
+        self.method.configure(ModelShape(adapter.num_layers, adapter.num_visual))
+        self.ssd = cell.decoding
+        self.twig = draft_for(adapter, self.method, self.ssd) if self.ssd else None
+        self.shape = measure.text_shape(adapter.model.config)
+        self.value_bytes = torch.finfo(DTYPES[adapter.dtype_name]).bits // 8
+        self.paired = bool(cell.timing.get("paired")) and not cell.is_reference
+        self.reference = build_method("baseline") if self.paired else None
+        self.mismatches = 0  # repeats whose tokens differed from the first pass
+
+    def decode(self, sample, x: dict, max_new_tokens: int | None = None):
+        return timed_pass(self.adapter, self.method, x, max_new_tokens or self.max_new_tokens, self.ssd, self.twig,
+                          sample)
+
+    def warm(self, sample, x: dict, max_new_tokens: int | None = None) -> None:
+        self.decode(sample, x, max_new_tokens)
+
+    def timed_reference(self, sample, x: dict, max_new_tokens: int) -> tuple[dict, int]:
+        """The baseline (greedy, every token) on the same sample, right before the cell's own pass."""
+        adapter = self.adapter
+        sync(adapter.device)
+        t0 = time.perf_counter()
+        rec = generate(adapter, x["input_ids"], x["pixel_values"], self.reference, max_new_tokens, sample=sample)
+        sync(adapter.device)
+        return _timing(rec, (time.perf_counter() - t0) * 1e3), len(rec.tokens) - 1
+
+    def measure(self, sample, x: dict, max_new_tokens: int | None = None, bar=None) -> SampleRecord:
+        """The sample's record (score left at NaN for the caller's scorer)."""
+        adapter, max_new = self.adapter, max_new_tokens or self.max_new_tokens
+        timings, first, ref_timings, ref_tokens = [], None, [], 0
+        for _ in range(self.repeats):
+            if self.paired:
+                t, ref_tokens = self.timed_reference(sample, x, max_new)
+                ref_timings.append(t)
+            rec, stats, wall_ms = self.decode(sample, x, max_new)
+            timings.append(_timing(rec, wall_ms))
+            if first is None:
+                first = (rec, stats)
+            elif rec.tokens != first[0].tokens:
+                self.mismatches += 1
+            if bar is not None:
+                bar.update()
+        rec, stats = first
+        text_tokens = x["input_ids"].shape[1] - adapter.num_visual
+        spec = {} if stats is None else {"target_forwards": stats.target_forwards, "drafted": stats.drafted,
+                                         "accepted": stats.accepted, "rounds": len(stats.rounds)}
+        paired_fields = {"baseline_timings": ref_timings, "baseline_decode_tokens": ref_tokens} if self.paired else {}
+        return SampleRecord(
+            uid=sample.uid, qtype=getattr(sample, "qtype", ""), question=getattr(sample, "question", ""),
+            answer=getattr(sample, "answer", ""), prediction=rec.text, tokens=rec.tokens, score=float("nan"),
+            new_tokens=len(rec.tokens), decode_tokens=len(rec.tokens) - (1 if stats is None else stats.first_tokens),
+            timings=timings, equal_token_average=rec.equal_token_average,
+            prefill_gflops=measure.prefill_gflops(rec.visual_per_layer, text_tokens, self.shape,
+                                                  self.method.extra_prefill_layers, adapter.num_visual),
+            kv_cache_mb=measure.kv_cache_mb(rec.visual_per_layer, text_tokens, self.shape, self.value_bytes),
+            visual_per_layer=rec.visual_per_layer, keep={str(k): v for k, v in rec.keep.items()},
+            merged={str(k): {str(p): src for p, src in v.items()} for k, v in rec.merged.items()},
+            **paired_fields, **spec)
+
+    def params(self, records: list[SampleRecord], warmup: int) -> dict:
+        """The cell's MLflow params."""
+        adapter, method, ssd, cell = self.adapter, self.method, self.ssd, self.cell
+        if ssd:
+            params_ssd = {"decoding": "ssd", "ssd_twig": ssd["twig"], "ssd_delta": ssd["delta"],
+                          "ssd_theta": ssd["theta"], "ssd_K": self.twig.K, "ssd_T": self.twig.T}
+        else:
+            params_ssd = {"decoding": "greedy"}
+        # a budget-free cell names the visual tokens it processed (baseline: all, blind: none), so
+        # that a chart against budget_tokens has it on it
+        tokens = {} if method.budget is not None else {
+            "budget_tokens": int(round(statistics.fmean(r.equal_token_average for r in records)))}
+        return {**tokens, **method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
+                "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
+                "num_visual": adapter.num_visual, "max_new_tokens": self.max_new_tokens, "warmup": warmup,
+                "repeats": self.repeats, "paired_timing": self.paired, "dataset": cell.dataset["name"],
+                "split": cell.dataset["split"], "cell": cell.label, "series": cell.series, "cell_hash": cell.hash}
+
+    def result(self, records: list[SampleRecord], warmup: int, start_ms: int,
+               baseline: list[SampleRecord] | None = None, extra_params: dict | None = None,
+               extra_metrics: dict | None = None, artifacts: dict | None = None) -> CellResult:
+        """Records -> the cell's params and metrics (relative ones against `baseline`; a baseline
+        cell is its own reference)."""
+        metrics = {**aggregate(records), **_peak_memory(self.adapter.device),
+                   "repeat_token_mismatches": self.mismatches, **(extra_metrics or {})}
+        reference = records if self.cell.is_reference and baseline is None else baseline
+        if reference is not None:
+            metrics.update(measure.relative_metrics(records, reference))
+        params = {**self.params(records, warmup), **(extra_params or {})}
+        return CellResult(self.cell, params, metrics, records, start_ms, int(time.time() * 1000), artifacts or {})
+
+
 def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict], max_new_tokens: int | None = None,
              warmup: int | None = None, baseline: list[SampleRecord] | None = None, repeats: int | None = None,
              progress: bool = False) -> CellResult:
@@ -73,87 +175,20 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     `repeats` times (the tokens of the first pass are the record's, the others must match).
     Relative metrics compare with `baseline`'s records; a baseline cell is its own reference."""
     start_ms = int(time.time() * 1000)
-    max_new_tokens = max_new_tokens or cell.generation["max_new_tokens"]
     warmup = cell.timing["warmup"] if warmup is None else warmup
-    repeats = repeats or cell.timing["repeats"]
-    method = cell.build()
-    method.bind(adapter)
-    method.configure(ModelShape(adapter.num_layers, adapter.num_visual))
-    ssd = cell.decoding
-    twig = draft_for(adapter, method, ssd) if ssd else None
-    shape = measure.text_shape(adapter.model.config)
-    value_bytes = torch.finfo(DTYPES[adapter.dtype_name]).bits // 8
-    twig_layers = method.extra_prefill_layers
-
-    paired = cell.timing.get("paired") and not cell.is_reference
-    reference = build_method("baseline") if paired else None
-
-    def timed_reference(s, x) -> tuple[dict, int]:
-        """The baseline (greedy, every token) on the same sample, right before the cell's own pass."""
-        sync(adapter.device)
-        t0 = time.perf_counter()
-        rec = generate(adapter, x["input_ids"], x["pixel_values"], reference, max_new_tokens, sample=s)
-        sync(adapter.device)
-        return _timing(rec, (time.perf_counter() - t0) * 1e3), len(rec.tokens) - 1
-
-    def decode(s, x):
-        return timed_pass(adapter, method, x, max_new_tokens, ssd, twig, s)
-
+    runner = CellRunner(adapter, cell, max_new_tokens, repeats)
     for s, x in list(zip(samples, inputs))[:warmup]:  # untimed warm-up, results discarded
-        decode(s, x)
+        runner.warm(s, x)
     if adapter.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(adapter.device)
-    records, mismatches = [], 0
-    bar = progress_bar(len(samples) * repeats, cell.label, progress, leave=False, position=1)
+    records = []
+    bar = progress_bar(len(samples) * runner.repeats, cell.label, progress, leave=False, position=1)
     for s, x in zip(samples, inputs):
-        timings, first, ref_timings, ref_tokens = [], None, [], 0
-        for _ in range(repeats):
-            if paired:
-                t, ref_tokens = timed_reference(s, x)
-                ref_timings.append(t)
-            rec, stats, wall_ms = decode(s, x)
-            timings.append(_timing(rec, wall_ms))
-            if first is None:
-                first = (rec, stats)
-            elif rec.tokens != first[0].tokens:
-                mismatches += 1
-            bar.update()
-        rec, stats = first
-        text_tokens = x["input_ids"].shape[1] - adapter.num_visual
-        spec = {} if stats is None else {"target_forwards": stats.target_forwards, "drafted": stats.drafted,
-                                         "accepted": stats.accepted, "rounds": len(stats.rounds)}
-        paired_fields = {"baseline_timings": ref_timings, "baseline_decode_tokens": ref_tokens} if paired else {}
-        records.append(SampleRecord(
-            uid=s.uid, qtype=s.qtype, question=s.question, answer=s.answer, prediction=rec.text, tokens=rec.tokens,
-            score=score(s, rec.text), new_tokens=len(rec.tokens),
-            decode_tokens=len(rec.tokens) - (1 if stats is None else stats.first_tokens),
-            timings=timings, equal_token_average=rec.equal_token_average,
-            prefill_gflops=measure.prefill_gflops(rec.visual_per_layer, text_tokens, shape, twig_layers,
-                                                  adapter.num_visual),
-            kv_cache_mb=measure.kv_cache_mb(rec.visual_per_layer, text_tokens, shape, value_bytes),
-            visual_per_layer=rec.visual_per_layer, keep={str(k): v for k, v in rec.keep.items()},
-            merged={str(k): {str(p): src for p, src in v.items()} for k, v in rec.merged.items()},
-            **paired_fields, **spec))
+        rec = runner.measure(s, x, bar=bar)
+        rec.score = score(s, rec.prediction)
+        records.append(rec)
     bar.close()
-    if ssd:
-        params_ssd = {"decoding": "ssd", "ssd_twig": ssd["twig"], "ssd_delta": ssd["delta"],
-                      "ssd_theta": ssd["theta"], "ssd_K": twig.K, "ssd_T": twig.T}
-    else:
-        params_ssd = {"decoding": "greedy"}
-    # a budget-free cell names the visual tokens it processed (baseline: all, blind: none), so that
-    # a chart against budget_tokens has it on it
-    tokens = {} if method.budget is not None else {
-        "budget_tokens": int(round(statistics.fmean(r.equal_token_average for r in records)))}
-    params = {**tokens, **method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
-              "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
-              "num_visual": adapter.num_visual, "max_new_tokens": max_new_tokens, "warmup": warmup,
-              "repeats": repeats, "paired_timing": bool(paired), "dataset": cell.dataset["name"], "split": cell.dataset["split"],
-              "cell": cell.label, "series": cell.series, "cell_hash": cell.hash}
-    metrics = {**aggregate(records), **_peak_memory(adapter.device), "repeat_token_mismatches": mismatches}
-    reference = records if cell.is_reference and baseline is None else baseline
-    if reference is not None:
-        metrics.update(measure.relative_metrics(records, reference))
-    return CellResult(cell, params, metrics, records, start_ms, int(time.time() * 1000))
+    return runner.result(records, warmup, start_ms, baseline)
 
 
 def _timing(rec, wall_ms: float) -> dict:

@@ -43,6 +43,10 @@ class Workspace:
 
     def run(self, cell: Cell, progress: bool = False) -> CellResult:
         adapter = self.adapter(cell.model)
+        if "lmms_eval" in cell.dataset:  # an lmms-eval task, run through lmms-eval with this model
+            from harness.lmms.run import run_lmms_cell
+
+            return run_lmms_cell(adapter, cell)
         samples, inputs = self.samples(adapter, cell.dataset)
         return cell_runner.run_cell(adapter, cell, samples, inputs, progress=progress)
 

@@ -180,16 +180,40 @@ def _mapping(value, defaults: dict, what: str, where: str) -> dict:
     return {**defaults, **value}
 
 
-def _listed(raw: dict, one: str, many: str, defaults: dict, where: str) -> list[dict]:
+LMMS_KEYS = ("lmms_eval", "limit", "include_path")
+
+
+def _dataset_entry(value, defaults: dict, what: str, where: str) -> dict:
+    """A native dataset, or an lmms-eval task: {lmms_eval: TASK, limit: N, include_path: DIR}."""
+    if not isinstance(value, dict) or "lmms_eval" not in value:
+        return _mapping(value, defaults, what, where)
+    unknown = set(value) - set(LMMS_KEYS)
+    if unknown:
+        raise ExperimentError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} in '{what}' (an lmms-eval "
+                              f"task); allowed: {', '.join(LMMS_KEYS)}")
+    task, limit, include = value["lmms_eval"], value.get("limit"), value.get("include_path")
+    if not isinstance(task, str) or not task.strip():
+        raise ExperimentError(f"{where}: {what}.lmms_eval = {task!r}; allowed: an lmms-eval task name (e.g. mme)")
+    if limit is not None:
+        _check_int(limit, f"{what}.limit", 1, where)
+    if include is not None and not (isinstance(include, str) and Path(include).is_dir()):
+        raise ExperimentError(f"{where}: {what}.include_path = {include!r} is not a folder; allowed: a folder of "
+                              "lmms-eval task YAMLs (e.g. one `twigbench export-shapes DIR` wrote)")
+    return {"name": f"lmms_eval:{task}", "split": "test", "samples_per_type": None, "lmms_eval": task,
+            "limit": limit, "include_path": str(Path(include).resolve()) if include else None}
+
+
+def _listed(raw: dict, one: str, many: str, defaults: dict, where: str, entry=None) -> list[dict]:
+    entry = entry or _mapping
     if one in raw and many in raw:
         raise ExperimentError(f"{where}: both '{one}' and '{many}' given; allowed: one of them")
     if many in raw:
         items = raw[many]
         if not isinstance(items, list) or not items:
             raise ExperimentError(f"{where}: '{many}' must be a non-empty list of mappings, got {items!r}")
-        out = [_mapping(x, defaults, f"{many}[{i}]", where) for i, x in enumerate(items)]
+        out = [entry(x, defaults, f"{many}[{i}]", where) for i, x in enumerate(items)]
     else:
-        out = [_mapping(raw.get(one), defaults, one, where)]
+        out = [entry(raw.get(one), defaults, one, where)]
     seen = [json.dumps(x, sort_keys=True) for x in out]
     if len(set(seen)) < len(seen):
         raise ExperimentError(f"{where}: '{many}' lists the same entry twice")
@@ -293,7 +317,7 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     if not isinstance(name, str) or not name.strip():
         raise ExperimentError(f"{where}: 'experiment' must be a non-empty name, got {name!r}")
     models = _listed(raw, "model", "models", MODEL_DEFAULTS, where)
-    datasets = _listed(raw, "dataset", "datasets", DATASET_DEFAULTS, where)
+    datasets = _listed(raw, "dataset", "datasets", DATASET_DEFAULTS, where, _dataset_entry)
     generation = _mapping(raw.get("generation"), SECTIONS["generation"], "generation", where)
     timing = _mapping(raw.get("timing"), SECTIONS["timing"], "timing", where)
     for model in models:
@@ -303,6 +327,8 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
         except ModelError as e:
             raise ExperimentError(f"{where}: {e}") from None
     for d in datasets:
+        if "lmms_eval" in d:  # checked against lmms-eval in validate()
+            continue
         if d["name"] not in DATASETS:
             raise ExperimentError(f"{where}: unknown dataset {d['name']!r}; allowed: {', '.join(DATASETS)}")
         if d["split"] not in SPLITS:
@@ -411,5 +437,11 @@ def validate(exp: Experiment, where: str = "experiment") -> None:
         for cell in exp.cells:
             prefix = cell.prefix
             cell.build().configure(shapes[cell.model["path"]])
+        prefix = ""
+        for d in exp.datasets:  # lmms-eval knows the task and its data is here (offline)
+            if "lmms_eval" in d:
+                from harness.lmms.run import check_task
+
+                check_task(d["lmms_eval"], d["include_path"])
     except (MethodError, ModelError, DatasetError) as e:
         raise ExperimentError(f"{where}: {prefix}{e}") from None

@@ -61,6 +61,7 @@ class CellResult:
     records: list[SampleRecord]
     start_ms: int = 0  # wall-clock start and end of the cell (ms since the epoch): the run's times
     end_ms: int = 0
+    artifacts: dict = field(default_factory=dict)  # extra artifacts of the run: file name -> text
 
 
 def _with_interval(name: str) -> tuple[str, ...]:

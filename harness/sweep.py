@@ -41,7 +41,8 @@ class SweepOutcome:
 
 def _sweep_params(exp: Experiment) -> dict:
     return {"models": ", ".join(m["path"] for m in exp.models),
-            "datasets": ", ".join(f"{d['name']}:{d['split']}x{d['samples_per_type']}" for d in exp.datasets),
+            "datasets": ", ".join(f"{d['name']} (limit {d['limit']})" if "lmms_eval" in d else
+                                  f"{d['name']}:{d['split']}x{d['samples_per_type']}" for d in exp.datasets),
             "cells": len(exp.cells), "max_new_tokens": exp.generation["max_new_tokens"],
             "warmup": exp.timing["warmup"], "repeats": exp.timing["repeats"]}
 
@@ -79,7 +80,7 @@ def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, ex
         if reference is not None and not res.cell.is_reference:
             res.metrics.update(measure.relative_metrics(res.records, reference))
         store.log_cell(res.cell.label, cell_tags(res.cell, env), res.params, res.metrics, res.records,
-                       res.start_ms, res.end_ms)
+                       res.start_ms, res.end_ms, res.artifacts)
         outcome.ran.append(res.cell.label)
         outcome.metrics[res.cell.label] = res.metrics
         m = res.metrics

@@ -174,7 +174,7 @@ class SweepStore:
         return dict(self.client.get_run(run_id).data.metrics)
 
     def log_cell(self, name: str, tags: dict, params: dict, metrics: dict, records: list[SampleRecord],
-                 start_ms: int | None = None, end_ms: int | None = None) -> str:
+                 start_ms: int | None = None, end_ms: int | None = None, artifacts: dict | None = None) -> str:
         """One child run, FINISHED only once everything is logged (a kill leaves it RUNNING); its
         start and end are the cell's own (not the logging's) when given."""
         run = self.client.create_run(self.experiment_id, run_name=name, start_time=start_ms or None,
@@ -185,6 +185,8 @@ class SweepStore:
         self.client.log_batch(rid, params=[Param(k, _param(v)) for k, v in params.items()],
                               metrics=_metrics(metrics, when=end_ms))
         _write_artifact(self.mlflow, rid, "samples.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in records))
+        for file, text in (artifacts or {}).items():
+            _write_artifact(self.mlflow, rid, file, text)
         self.client.set_terminated(rid, "FINISHED", end_time=end_ms or None)
         return rid
 

@@ -108,9 +108,10 @@ def test_cli_simple_evaluate_and_native_sweep_give_the_same_answers(tmp_path):
         logged = sorted(res["samples"]["shapes_test"], key=lambda s: s["doc_id"])
         assert [_text(s["filtered_resps"]) for s in logged] == predictions, name
         assert res["results"]["shapes_test"]["accuracy,none"] == pytest.approx(sum(scores) / len(scores), abs=1e-12)
-        assert len(model.records) == len(predictions) and all(r["timings"]["e2e_ms"] > 0 for r in model.records)
+        assert len(model.records) == len(predictions) and all(r.timings[0]["e2e_ms"] > 0 for r in model.records)
+        assert [r.prediction for r in model.records] == predictions
         if name == "ttp+ssd":
-            assert all(r["rounds"] >= 1 for r in model.records)
+            assert all(r.rounds >= 1 for r in model.records)
         # the CLI: exit status 0 even after errors, so the test reads what it wrote
         out = tmp_path / f"cli-{name.replace('+', '-')}"
         margs = ",".join(f"{k}={v}" for k, v in {"pretrained": "embedded", **args}.items())
@@ -137,3 +138,98 @@ def test_bad_model_args_through_the_plugin_are_one_line():
         TwigbenchLMM(method="nope")
     with pytest.raises(ValueError, match="batch_size=4; allowed: 1"):
         TwigbenchLMM(batch_size=4)
+
+
+@pytest.mark.slow
+def test_an_experiment_with_an_lmms_eval_dataset_logs_like_a_native_one(tmp_path, capsys):
+    pytest.importorskip("lmms_eval")
+    import mlflow
+    import yaml
+
+    from harness.cli import main
+    from harness.lmms.tasks import export_shapes
+
+    export_shapes(tmp_path / "tasks", "test", SPT)
+    exp = {"experiment": "lmms", "model": {"path": "embedded"},
+           "datasets": [{"lmms_eval": "shapes_test", "limit": 6, "include_path": str(tmp_path / "tasks")}],
+           "timing": {"warmup": 1, "repeats": 1, "paired": True}, "budgets": [16],
+           "methods": ["baseline", {"name": "fastv", "settings": {"K": 1}}]}
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(exp))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["sweep", str(tmp_path / "e.yaml"), "--tracking-uri", uri, "--report-dir", str(tmp_path / "r"),
+                 "--no-progress"]) == 0
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("lmms").experiment_id], "tags.role = 'cell'")
+    assert len(runs) == 2
+    predictions = {}
+    for _, r in runs.iterrows():
+        assert r["params.dataset"] == "lmms_eval:shapes_test" and r["params.lmms_task"] == "shapes_test"
+        assert r["metrics.samples"] == 6 and r["metrics.lmms/shapes_test/accuracy"] == r["metrics.accuracy"]
+        local = mlflow.artifacts.download_artifacts(run_id=r["run_id"], artifact_path="samples.jsonl",
+                                                    dst_path=str(tmp_path / r["run_id"]))
+        recs = [json.loads(x) for x in open(local)]
+        assert [x["uid"] for x in recs] == [f"shapes_test-{i}" for i in range(6)]
+        assert all(len(x["timings"]) == 1 and x["timings"][0]["prefill_ms"] > 0 for x in recs)
+        predictions[r["params.method"]] = [x["prediction"] for x in recs]
+        mlflow.artifacts.download_artifacts(run_id=r["run_id"], artifact_path="lmms_samples_shapes_test.jsonl",
+                                            dst_path=str(tmp_path / r["run_id"]))
+    fastv = runs[runs["params.method"] == "fastv"].iloc[0]
+    assert fastv["metrics.prefill_speedup"] > 0 and "metrics.relative_accuracy" in fastv.index
+    assert fastv["metrics.equal_token_average"] == pytest.approx(16, abs=1)
+    # the same answers as the native cells on the first six samples
+    native_fastv, _ = _native(METHODS["fastv"])
+    assert predictions["fastv"] == native_fastv[:6]
+    report = (tmp_path / "r" / "lmms" / "report.md").read_text()
+    assert "| Method | lmms_eval:shapes_test | RelAcc |" in report and "| fastv[K=1] |" in report
+
+
+def test_a_real_task_without_its_data_stops_before_any_run(tmp_path, capsys):
+    pytest.importorskip("lmms_eval")
+    import yaml
+
+    from harness.cli import main
+
+    exp = {"experiment": "nodata", "datasets": [{"lmms_eval": "mme", "limit": 5}], "methods": ["baseline"]}
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(exp))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["sweep", str(tmp_path / "e.yaml"), "--tracking-uri", uri, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lmms-eval task 'mme'" in err[0] and "huggingface-cli download" in err[0], err
+    assert not (tmp_path / "m.db").exists()
+    exp["datasets"] = [{"lmms_eval": "no_such_task"}]
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(exp))
+    assert main(["sweep", str(tmp_path / "e.yaml"), "--tracking-uri", uri]) == 2
+    assert "lmms-eval task 'no_such_task' not found" in capsys.readouterr().err
+
+
+def test_loglikelihood_is_the_continuations_nll_after_the_prompt(tiny_llava_dir):
+    """Baseline: the NLL of the continuation teacher-forced through the engine's cache equals the
+    one of a plain transformers forward over prompt + continuation (fp32 sums in another order)."""
+    pytest.importorskip("lmms_eval")
+    from types import SimpleNamespace
+
+    import torch
+
+    from harness.data.synthetic import make_sample
+    from harness.lmms.model import TwigbenchLMM
+    from tests.numerics import decoder_reduction, fp32_atol
+
+    m = TwigbenchLMM(pretrained=tiny_llava_dir)
+    image = make_sample("test", 0).image
+    m.task_dict = {"t": {"test": [{"id": 0}]}}
+    req = SimpleNamespace(args=("What is in the image?", " a red circle", lambda doc: [image], 0, "t", "test"))
+    (res,) = m.loglikelihood([req])
+    nll, greedy = res.text
+    x = m.adapter.inputs(image, "What is in the image?")
+    ids = m.adapter.processor.tokenizer(" a red circle", add_special_tokens=False)["input_ids"]
+    full = torch.cat([x["input_ids"], torch.tensor([ids])], 1)
+    with torch.no_grad():
+        logits = m.adapter.model(input_ids=full, pixel_values=x["pixel_values"]).logits[0].float()
+    n = x["input_ids"].shape[1]
+    steps = logits[n - 1:n - 1 + len(ids)]
+    ref = -float(sum(torch.log_softmax(steps[i], -1)[t] for i, t in enumerate(ids)))
+    cfg = m.adapter.model.config.text_config
+    atol = 2 * len(ids) * fp32_atol(steps, decoder_reduction(cfg, full.shape[1]), cfg.num_hidden_layers + 1)
+    assert abs(nll - ref) <= atol, (nll, ref, atol)
+    assert greedy == all(int(steps[i].argmax()) == t for i, t in enumerate(ids))
+    assert m.scoring[0]["equal_token_average"] == m.adapter.num_visual

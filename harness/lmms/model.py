@@ -4,7 +4,8 @@
 
 `model_args` are an experiment cell's (harness.lmms.args), validated with the same one-line errors.
 Batch 1, greedy (or SSD, which gives the same tokens as greedy decoding of its target). Every
-request's timings and token counts are kept in `self.records` (what a cell's samples.jsonl holds).
+generation request is measured as a native cell measures a sample (harness.cell.CellRunner: warm-up,
+repeats, the paired baseline as the cell's timing section says) into `self.records`.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
-from harness.cell import draft_for, timed_pass
-from harness.contract import ModelShape
+from harness.cell import CellRunner
 from harness.engine.generate import decode_step, prefill, sync
 from harness.lmms.args import cell_from_args
 from harness.models.adapter import load_model
+from harness.records import SampleRecord
 
 SHAPES_TASK = "shapes_"  # the embedded benchmark's tasks (harness.lmms.tasks): docs carry the sample uid
 
@@ -45,20 +46,19 @@ def cut(text: str, until) -> str:
 class TwigbenchLMM(lmms):
     is_simple = True
 
-    def __init__(self, batch_size=1, device=None, max_batch_size=None, **model_args):
+    def __init__(self, batch_size=1, device=None, max_batch_size=None, adapter=None, cell=None, **model_args):
         super().__init__()
         if int(batch_size) != 1:
             raise ValueError(f"batch_size={batch_size!r}; allowed: 1 (the harness measures batch 1)")
-        self.cell = cell_from_args(model_args)
+        self.cell = cell or cell_from_args(model_args)  # a sweep passes its cell and its loaded model
         m = self.cell.model
-        self.adapter = load_model(m["path"], m["dtype"], m["attn_implementation"], checkpoint=m.get("checkpoint"))
-        self.method = self.cell.build()
-        self.method.bind(self.adapter)
-        self.method.configure(ModelShape(self.adapter.num_layers, self.adapter.num_visual))
-        self.ssd = self.cell.decoding
-        self.twig = draft_for(self.adapter, self.method, self.ssd) if self.ssd else None
-        self.max_new_tokens = self.cell.generation["max_new_tokens"]
-        self.records: list[dict] = []  # one per request: task, doc_id, prediction, timings, tokens
+        self.adapter = adapter or load_model(m["path"], m["dtype"], m["attn_implementation"],
+                                             checkpoint=m.get("checkpoint"))
+        self.runner = CellRunner(self.adapter, self.cell)
+        self.method = self.runner.method
+        self.warmup_left = self.cell.timing["warmup"]
+        self.records: list[SampleRecord] = []  # one per generate_until request, as a native cell's
+        self.scoring: list[dict] = []  # one per loglikelihood request
 
     def _inputs(self, req, task: str, split: str, doc_id: int, doc_to_visual, ctx: str):
         doc = self.task_dict[task][split][doc_id]
@@ -69,26 +69,25 @@ class TwigbenchLMM(lmms):
         return doc, self.adapter.inputs(visuals[0].convert("RGB"), ctx)
 
     def generate_until(self, requests) -> list[GenerationResult]:
+        """Each request as a native cell measures a sample (warm-up, repeats, the paired baseline
+        as the cell's timing section says); the answer cut at the first `until` string."""
         out = []
         for req in requests:
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             doc, x = self._inputs(req, task, split, doc_id, doc_to_visual, ctx)
-            max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+            max_new = int(gen_kwargs.get("max_new_tokens") or self.runner.max_new_tokens)
             if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0:
                 raise ValueError(f"{task}: do_sample / temperature > 0; allowed: greedy decoding only")
-            rec, stats, wall_ms = timed_pass(self.adapter, self.method, x, max_new, self.ssd, self.twig,
-                                             _sample(task, doc, doc_id))
-            text = cut(rec.text, gen_kwargs.get("until"))
-            self.records.append({
-                "task": task, "doc_id": doc_id, "prediction": text, "tokens": rec.tokens,
-                "input_tokens": int(x["input_ids"].shape[1]), "output_tokens": len(rec.tokens),
-                "timings": {"vision_ms": rec.vision_ms, "select_ms": rec.select_ms, "prefill_ms": rec.prefill_ms,
-                            "ttft_ms": rec.vision_ms + rec.prefill_ms, "decode_ms": rec.decode_ms, "e2e_ms": wall_ms},
-                "equal_token_average": rec.equal_token_average,
-                **({} if stats is None else {"drafted": stats.drafted, "accepted": stats.accepted,
-                                             "rounds": len(stats.rounds), "target_forwards": stats.target_forwards})})
-            out.append(GenerationResult(text, TokenCounts(input_tokens=int(x["input_ids"].shape[1]),
-                                                          output_tokens=len(rec.tokens))))
+            sample = _sample(task, doc, doc_id)
+            if self.warmup_left > 0:  # untimed, as a native cell's first samples
+                self.runner.warm(sample, x, max_new)
+                self.warmup_left -= 1
+            rec = self.runner.measure(sample, x, max_new)
+            rec.uid, rec.qtype, rec.question = f"{task}-{doc_id}", task, ctx
+            rec.prediction = cut(rec.prediction, gen_kwargs.get("until"))
+            self.records.append(rec)
+            out.append(GenerationResult(rec.prediction, TokenCounts(input_tokens=int(x["input_ids"].shape[1]),
+                                                                    output_tokens=rec.new_tokens)))
         return out
 
     def loglikelihood(self, requests) -> list[GenerationResult]:
@@ -119,7 +118,7 @@ class TwigbenchLMM(lmms):
                         logits = decode_step(self.adapter, t, position, pre.cache)
                         position += 1
             sync(self.adapter.device)
-            self.records.append({"task": task, "doc_id": doc_id, "continuation": continuation, "nll": nll,
+            self.scoring.append({"task": task, "doc_id": doc_id, "continuation": continuation, "nll": nll,
                                  "is_greedy": greedy, "e2e_ms": (time.perf_counter() - t0) * 1e3,
                                  "equal_token_average": sum(pre.visual_per_layer) / len(pre.visual_per_layer)})
             out.append(GenerationResult(text=(nll, greedy)))
