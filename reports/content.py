@@ -123,6 +123,15 @@ def accuracy_columns(groups: list[tuple[tuple, list[CellRun]]]) -> list[tuple[tu
     return cols
 
 
+def _benchmark_value(c: CellRun, metric: str):
+    """The cell's value of a column; an lmms-eval task whose per-sample metric is not a number
+    (MME's per-category dicts) has no harness accuracy: its own metric (lmms/<task>/<metric>)."""
+    v = c.metrics.get(metric)
+    if (v is None or v != v) and metric == "accuracy" and c.params.get("lmms_task"):
+        v = c.metrics.get(f"lmms/{c.params['lmms_task']}/{c.params.get('lmms_metric', '')}")
+    return v
+
+
 def accuracy_table(sweep: Sweep, model: str) -> Table:
     """The accuracy table of one model (variant): its datasets' columns. Avg. is the cell's
     accuracy over all its samples (one dataset) or the mean over the datasets; RelAcc is accuracy
@@ -150,7 +159,7 @@ def accuracy_table(sweep: Sweep, model: str) -> Table:
         vals, texts = [], []
         for g, metric, _, bench in cols:
             c = per_group.get(g)
-            v = c.metrics.get(metric) if c else None
+            v = _benchmark_value(c, metric) if c else None
             vals.append(v)
             text = score(v)
             if bench and c is not None and v is not None:

@@ -316,3 +316,22 @@ def test_one_checkpoint_at_two_dtypes_gives_two_groups_and_distinct_tables(tmp_p
     labels = re.findall(r"\\label\{([^}]*)\}", tex)
     assert len(labels) == len(set(labels)) >= 6
     assert "the sweep is FAILED" in index.read_text()
+
+
+def test_an_lmms_eval_task_without_a_numeric_per_sample_score_shows_its_own_metric():
+    """MME's per-sample results are dicts: the cell has no harness accuracy; the column shows
+    lmms-eval's own score, and the published value beside it."""
+    from reports.load import CellRun, Sweep
+
+    def cell(label, method, tokens, score):
+        params = {"method": method, "num_visual": "576", "model": "llava-1.5-7b-hf", "dataset": "lmms_eval:mme",
+                  "split": "test", "budget_tokens": str(tokens), "lmms_task": "mme",
+                  "lmms_metric": "mme_perception_score", **({"budget_ratio": "0.8889", "K": "2"} if tokens < 576 else {})}
+        return CellRun(label, label, params, {"lmms/mme/mme_perception_score": score}, {"series": label})
+
+    sweep = Sweep("mme", "1", "sqlite://", "p", {}, {}, {},
+                  [cell("baseline", "baseline", 576, 1510.7), cell("fastv[K=2]", "fastv", 64, 1019.4)])
+    t = content.accuracy_table(sweep, "llava-1.5-7b-hf")
+    rows = {r.cells[0]: r.cells[1] for r in t.rows()}
+    assert t.columns[1] == "MME"
+    assert rows["baseline"] == "1511 · pub 1862* (−351.3)" and rows["fastv[K=2]"] == "1019 · pub 1218* (−198.6)"
