@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: help setup test test-fast sweep report ui bench bench-compare bench-baseline bench-decode shape-check ablation train-embedded train-twig clean
+.PHONY: help setup test test-fast sweep sweep-full report ui bench bench-compare bench-baseline bench-decode shape-check ablation train-embedded train-twig clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -29,6 +29,9 @@ test-fast: $(STAMP)  ## the tests without the slow end-to-end runs and the speed
 
 sweep: $(STAMP)  ## the main job: experiments/default.yaml on the embedded model -> MLflow + report
 	$(BIN)/twigbench sweep experiments/default.yaml
+
+sweep-full: $(STAMP)  ## experiments/full.yaml: the main job with every sample timed (~25-35 min on 2 cores)
+	$(BIN)/twigbench sweep experiments/full.yaml
 
 report: $(STAMP)  ## rewrite the default experiment's report from MLflow
 	$(BIN)/twigbench report default

@@ -103,12 +103,13 @@ class CellRunner:
         sync(adapter.device)
         return _timing(rec, (time.perf_counter() - t0) * 1e3), len(rec.tokens) - 1
 
-    def measure(self, sample, x: dict, max_new_tokens: int | None = None, bar=None) -> SampleRecord:
-        """The sample's record (score left at NaN for the caller's scorer)."""
+    def measure(self, sample, x: dict, max_new_tokens: int | None = None, bar=None, timed: bool = True) -> SampleRecord:
+        """The sample's record (score left at NaN for the caller's scorer); `timed` False: one pass
+        for its answer, outside timing.subset (no repeats, no paired baseline)."""
         adapter, max_new = self.adapter, max_new_tokens or self.max_new_tokens
         timings, first, ref_timings, ref_tokens = [], None, [], 0
-        for _ in range(self.repeats):
-            if self.paired:
+        for _ in range(self.repeats if timed else 1):
+            if self.paired and timed:
                 t, ref_tokens = self.timed_reference(sample, x, max_new)
                 ref_timings.append(t)
             rec, stats, wall_ms = self.decode(sample, x, max_new)
@@ -123,7 +124,8 @@ class CellRunner:
         text_tokens = x["input_ids"].shape[1] - adapter.num_visual
         spec = {} if stats is None else {"target_forwards": stats.target_forwards, "drafted": stats.drafted,
                                          "accepted": stats.accepted, "rounds": len(stats.rounds)}
-        paired_fields = {"baseline_timings": ref_timings, "baseline_decode_tokens": ref_tokens} if self.paired else {}
+        paired_fields = ({"baseline_timings": ref_timings, "baseline_decode_tokens": ref_tokens}
+                         if self.paired and timed else {})
         return SampleRecord(
             uid=sample.uid, qtype=getattr(sample, "qtype", ""), question=getattr(sample, "question", ""),
             answer=getattr(sample, "answer", ""), prediction=rec.text, tokens=rec.tokens, score=float("nan"),
@@ -134,7 +136,7 @@ class CellRunner:
             kv_cache_mb=measure.kv_cache_mb(rec.visual_per_layer, text_tokens, self.shape, self.value_bytes),
             visual_per_layer=rec.visual_per_layer, keep={str(k): v for k, v in rec.keep.items()},
             merged={str(k): {str(p): src for p, src in v.items()} for k, v in rec.merged.items()},
-            **paired_fields, **spec)
+            timed=timed, **paired_fields, **spec)
 
     def params(self, records: list[SampleRecord], warmup: int) -> dict:
         """The cell's MLflow params."""
@@ -151,7 +153,8 @@ class CellRunner:
         return {**tokens, **method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
                 "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
                 "num_visual": adapter.num_visual, "max_new_tokens": self.max_new_tokens, "warmup": warmup,
-                "repeats": self.repeats, "paired_timing": self.paired, "dataset": cell.dataset["name"],
+                "repeats": self.repeats, "paired_timing": self.paired, "timed_samples": sum(r.timed for r in records),
+                "dataset": cell.dataset["name"],
                 "split": cell.dataset["split"], "cell": cell.label, "series": cell.series, "cell_hash": cell.hash}
 
     def result(self, records: list[SampleRecord], warmup: int, start_ms: int,
@@ -182,9 +185,10 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
     if adapter.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(adapter.device)
     records = []
+    subset = cell.timing.get("subset")
     bar = progress_bar(len(samples) * runner.repeats, cell.label, progress, leave=False, position=1)
-    for s, x in zip(samples, inputs):
-        rec = runner.measure(s, x, bar=bar)
+    for i, (s, x) in enumerate(zip(samples, inputs)):
+        rec = runner.measure(s, x, bar=bar, timed=subset is None or i < subset)
         rec.score = score(s, rec.prediction)
         records.append(rec)
     bar.close()

@@ -6,8 +6,9 @@
     dataset: {name: shapes, split: test, samples_per_type: 50}
     # or several:  datasets: [{split: val}, {split: test}]
     generation: {max_new_tokens: 64}
-    timing: {warmup: 3, repeats: 1, paired: false}  # untimed warm-up samples; timed passes per sample;
-                                        # paired: time the baseline beside every sample (see harness.measure)
+    timing: {warmup: 3, repeats: 1, paired: false, subset: null}  # untimed warm-up samples; timed passes
+                                        # per sample; paired: time the baseline beside every sample; subset:
+                                        # time only the first N samples (the rest run once, for accuracy)
     budgets: [0.667, 0.778, 0.889]      # pruning ratios (float) or retained tokens (int)
     methods:
       - name: baseline                  # budget-free methods run once
@@ -58,7 +59,7 @@ SECTIONS = {
     "dataset": DATASET_DEFAULTS,
     "datasets": None,
     "generation": {"max_new_tokens": 64},
-    "timing": {"warmup": 3, "repeats": 1, "paired": False},
+    "timing": {"warmup": 3, "repeats": 1, "paired": False, "subset": None},
     "budgets": [],
     "methods": None,
     "exclude": None,
@@ -139,9 +140,11 @@ class Cell:
 
     def config(self) -> dict:
         """The resolved configuration: everything that decides the cell's results."""
+        # timing.subset left out when unset, so that sweeps logged before it existed still resume
+        timing = {k: v for k, v in self.timing.items() if not (k == "subset" and v is None)}
         return {"model": self.model, "dataset": self.dataset, "method": self.method,
                 "settings": self.settings, "budget": self.budget, "decoding": self.decoding,
-                "generation": self.generation, "timing": self.timing}
+                "generation": self.generation, "timing": timing}
 
     @property
     def hash(self) -> str:
@@ -340,6 +343,8 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     _check_int(timing["repeats"], "timing.repeats", 1, where)
     if not isinstance(timing["paired"], bool):
         raise ExperimentError(f"{where}: timing.paired = {timing['paired']!r}; allowed: true or false")
+    if timing["subset"] is not None:
+        _check_int(timing["subset"], "timing.subset", 1, where)
 
     budgets = raw.get("budgets", []) or []
     if not isinstance(budgets, list):

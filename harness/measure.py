@@ -1,7 +1,8 @@
 """The measurement protocol: what a cell's numbers are and how they are computed from its records.
 
 Timing (batch 1, greedy, device synchronised on GPU, warm-up samples not counted). Every sample is
-timed `repeats` times; a per-repeat statistic is computed over the samples and the cell reports
+timed `repeats` times (with `timing.subset: N`, the first N samples of the cell only: the others run
+once for their answers, and every timing figure and speedup below reads the timed ones); a per-repeat statistic is computed over the samples and the cell reports
 its median over the repeats plus `<name>_spread` (max - min over the repeats; 0 with one repeat):
 - vision_ms: vision encoding (tower + projector), median over samples;
 - select_ms: pruning overhead (the methods' own selection code inside prefill), median;
@@ -80,8 +81,14 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def timed(records: list[SampleRecord]) -> list[SampleRecord]:
+    """The records whose timings count (timing.subset: the first N samples of a cell)."""
+    return [r for r in records if r.timed]
+
+
 def repeat_stats(records: list[SampleRecord]) -> list[dict]:
-    """One dict of cell-level timing statistics per repeat."""
+    """One dict of cell-level timing statistics per repeat (timed records only)."""
+    records = timed(records)
     n = len(records[0].timings)
     out = []
     for j in range(n):
@@ -137,7 +144,7 @@ def speedup(records: list[SampleRecord], baseline: list[SampleRecord], key: str,
     """(point, low, high): the cell's speedup over the baseline for `key` (a TIMES entry or
     'decode'), point from per-sample medians over repeats, 95 % bootstrap interval (BOOTSTRAP
     draws, each resampling the samples and one repeat per sample on each side)."""
-    cell, base = align(records, baseline)
+    cell, base = align(timed(records), timed(baseline))
     col = "decode_ms" if key == "decode" else key
     ct, bt = _timing_arrays(cell, col), _timing_arrays(base, col)
     ck = np.array([r.decode_tokens for r in cell], dtype=float)
@@ -174,7 +181,8 @@ def relative_metrics(records: list[SampleRecord], baseline: list[SampleRecord]) 
     cell, base = align(records, baseline)
     if not cell:
         return {}
-    timed_base = paired_reference(cell) if cell[0].baseline_timings is not None else base
+    paired = any(r.baseline_timings is not None for r in cell)
+    timed_base = paired_reference(cell) if paired else base
     acc = statistics.fmean(r.score for r in cell)
     base_acc = statistics.fmean(r.score for r in base)
     m = {"relative_accuracy": acc / base_acc if base_acc > 0 else float("nan"),

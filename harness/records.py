@@ -33,6 +33,9 @@ class SampleRecord:
     # timing.paired: the baseline timed right before each repeat of this sample
     baseline_timings: list[dict] | None = None
     baseline_decode_tokens: int | None = None
+    # timing.subset: False for a sample outside the timed subset (one pass, for its answer; its
+    # one timing is not used by any speed figure)
+    timed: bool = True
     # self-speculative decoding
     target_forwards: int | None = None
     drafted: int | None = None
@@ -50,7 +53,8 @@ class SampleRecord:
 
     def paired_reference(self) -> "SampleRecord":
         """The baseline's timings taken beside this sample (timing.paired), as a record."""
-        return SampleRecord(self.uid, float("nan"), "", self.baseline_decode_tokens, self.baseline_timings)
+        return SampleRecord(self.uid, float("nan"), "", self.baseline_decode_tokens, self.baseline_timings,
+                            timed=self.timed and self.baseline_timings is not None)
 
 
 @dataclass

@@ -33,6 +33,11 @@ def _values(sweep: Sweep, key: str, default: str = "") -> str:
     return ", ".join(vals) if vals else default
 
 
+def _subset(sweep: Sweep) -> bool:
+    return any("timed_samples" in c.params and int(c.params["timed_samples"]) < int(c.metrics.get("samples", 0))
+               for c in sweep.cells)
+
+
 def _when(ms) -> str:
     return "" if not ms else dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -52,7 +57,9 @@ def protocol(sweep: Sweep) -> list[tuple[str, str]]:
         ("samples per cell", samples),
         ("generation", f"greedy, batch 1, at most {_values(sweep, 'max_new_tokens')} new tokens"),
         ("repeats", f"{_values(sweep, 'repeats')} timed pass(es) per sample after {_values(sweep, 'warmup')} "
-                    "untimed warm-up sample(s)"),
+                    "untimed warm-up sample(s)" + (f"; timed: the first {_values(sweep, 'timed_samples')} samples of "
+                                                   "each cell (the others run once, for accuracy)"
+                                                   if _subset(sweep) else "")),
         ("timing mode", "paired: the baseline timed right before every sample of every cell" if paired
          else "per cell: speedups against the baseline cell's timings"),
         ("timing drift", ", ".join(f"{k} ×{v:.3f}" for k, v in drift.items()) + " (the baseline timed again at "

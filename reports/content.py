@@ -226,7 +226,7 @@ def _subset_figures(sweep: Sweep, cell: CellRun, types: set | None) -> dict:
     """Timing figures of the cell on the samples of `types` (None: all), with speedups against
     its paired baseline timings (or the reference cell's), as harness.measure computes them."""
     recs = [r for r in sweep.records(cell) if types is None or r.qtype in types]
-    if not recs:
+    if not measure.timed(recs):  # no timed sample of these types (timing.subset)
         return {}
     m = dict(measure.timing_metrics(recs))
     ref = sweep.reference(cell)
@@ -287,8 +287,10 @@ def speed_tables(sweep: Sweep, group: tuple, cells: list[CellRun]) -> list[Table
     return out
 
 
-def _samples(sweep: Sweep, cell: CellRun, types: set | None) -> int:
-    return sum(1 for r in sweep.records(cell) if types is None or r.qtype in types)
+def _samples(sweep: Sweep, cell: CellRun, types: set | None) -> str:
+    recs = [r for r in sweep.records(cell) if types is None or r.qtype in types]
+    n, t = len(recs), len(measure.timed(recs))
+    return str(n) if t == n else f"{n} (timed: the first {t})"
 
 
 # ---- ablations -------------------------------------------------------------------------------

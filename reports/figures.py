@@ -142,9 +142,11 @@ def ssd_length_points(sweep: Sweep, cell: CellRun) -> list[tuple[int, float]]:
     base = {r.uid: r for r in sweep.records(ref)} if ref is not None else {}
     out = []
     for r in sweep.records(cell):
+        if not r.timed:  # outside timing.subset
+            continue
         if r.baseline_timings:
             bt, bk = statistics.median(t["decode_ms"] for t in r.baseline_timings), r.baseline_decode_tokens
-        elif r.uid in base:
+        elif r.uid in base and base[r.uid].timed:
             b = base[r.uid]
             bt, bk = statistics.median(t["decode_ms"] for t in b.timings), b.decode_tokens
         else:

@@ -142,3 +142,15 @@ def test_paper_gpu_settings_name_the_checkpoint_they_need(name, checkpoint):
     from harness.experiment import parse_experiment
     with pytest.raises(ExperimentError, match="twig '/models/twigs/"):
         parse_experiment(raw, name)
+
+
+def test_timing_subset_is_validated_and_unset_keeps_old_cell_hashes():
+    from harness.experiment import ExperimentError, parse_experiment
+
+    raw = {"experiment": "t", "methods": ["baseline"]}
+    cell = parse_experiment(raw).cells[0]
+    assert "subset" not in cell.config()["timing"]  # sweeps logged before timing.subset resume
+    assert parse_experiment({**raw, "timing": {"subset": 8}}).cells[0].config()["timing"]["subset"] == 8
+    for bad in (0, -1, "all", 2.5, True):
+        with pytest.raises(ExperimentError, match="timing.subset"):
+            parse_experiment({**raw, "timing": {"subset": bad}})

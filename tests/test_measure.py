@@ -1,5 +1,7 @@
 """The measurement protocol's arithmetic: FLOPs against torch's own counter, KV bytes against a real
 cache, bootstrap intervals that cover what they should."""
+import statistics
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,30 @@ def test_paired_timing_times_the_baseline_beside_every_sample(tiny_llava_dir):
     # the speedups use the paired timings, not the baseline cell's
     p, _, _ = measure.speedup(cell.records, measure.paired_reference(cell.records), "prefill_ms")
     assert cell.metrics["prefill_speedup"] == p and cell.params["paired_timing"] is True
+
+
+def test_timing_subset_times_the_first_samples_and_answers_all(tiny_llava_dir):
+    """timing.subset: the first N samples are timed (repeats, paired baseline); the others run once
+    for their answers, and no timing figure reads them."""
+    from harness.cell import run_cell
+    from harness.data import load_samples
+    from harness.experiment import Cell
+    from harness.models.adapter import load_model
+
+    adapter = load_model(tiny_llava_dir)
+    samples = load_samples("shapes", "val", 1)  # 6 samples
+    inputs = [adapter.inputs(s.image, s.question) for s in samples]
+    timing = {"warmup": 0, "repeats": 2, "paired": True, "subset": 4}
+    base = run_cell(adapter, Cell("baseline", {}, None, timing=timing), samples, inputs, 3)
+    cell = run_cell(adapter, Cell("random", {}, 60, timing=timing), samples, inputs, 3, baseline=base.records)
+    assert [r.timed for r in cell.records] == [True] * 4 + [False] * 2
+    assert [len(r.timings) for r in cell.records] == [2] * 4 + [1] * 2
+    assert [r.baseline_timings is not None for r in cell.records] == [True] * 4 + [False] * 2
+    assert cell.metrics["samples"] == 6 and cell.params["timed_samples"] == 4
+    assert cell.metrics["accuracy"] == statistics.fmean(r.score for r in cell.records)
+    first = cell.records[:4]
+    p, lo, hi = measure.speedup(first, measure.paired_reference(first), "prefill_ms")
+    assert (cell.metrics["prefill_speedup"], cell.metrics["prefill_speedup_ci_low"]) == (p, lo)
+    assert cell.metrics["prefill_ms"] == measure.timing_metrics(first)["prefill_ms"]
+    diff = measure.accuracy_diff(cell.records, base.records)  # every sample's answer counts
+    assert cell.metrics["accuracy_diff"] == diff[0]

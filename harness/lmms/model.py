@@ -82,7 +82,8 @@ class TwigbenchLMM(lmms):
             if self.warmup_left > 0:  # untimed, as a native cell's first samples
                 self.runner.warm(sample, x, max_new)
                 self.warmup_left -= 1
-            rec = self.runner.measure(sample, x, max_new)
+            subset = self.cell.timing.get("subset")
+            rec = self.runner.measure(sample, x, max_new, timed=subset is None or len(self.records) < subset)
             rec.uid, rec.qtype, rec.question = f"{task}-{doc_id}", task, ctx
             rec.prediction = cut(rec.prediction, gen_kwargs.get("until"))
             self.records.append(rec)
