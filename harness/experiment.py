@@ -199,6 +199,8 @@ def _dataset_entry(value, defaults: dict, what: str, where: str) -> dict:
         raise ExperimentError(f"{where}: {what}.lmms_eval = {task!r}; allowed: an lmms-eval task name (e.g. mme)")
     if limit is not None:
         _check_int(limit, f"{what}.limit", 1, where)
+    if isinstance(include, str) and not Path(include).is_absolute() and Path(where).is_file():
+        include = str(Path(where).parent / include)  # relative to the experiment file
     if include is not None and not (isinstance(include, str) and Path(include).is_dir()):
         raise ExperimentError(f"{where}: {what}.include_path = {include!r} is not a folder; allowed: a folder of "
                               "lmms-eval task YAMLs (e.g. one `twigbench export-shapes DIR` wrote)")

@@ -142,7 +142,9 @@ def closing_pass(ws: Workspace, exp: Experiment, outcome: SweepOutcome, store: S
     (repeats within a cell) do not contain. Logged on the parent run."""
     drift = {}
     model = lambda c: json.dumps(c.model, sort_keys=True)  # noqa: E731
-    references = [c for c in exp.cells if c.is_reference and c.label in outcome.metrics]
+    # lmms-eval tasks are left out: timing one again would run the whole benchmark again
+    references = [c for c in exp.cells if c.is_reference and c.label in outcome.metrics
+                  and "lmms_eval" not in c.dataset]
     in_memory = [c for c in references if model(c) in ws.adapters]
     if not in_memory and references:
         in_memory = [c for c in references if model(c) == model(references[0])]
@@ -182,6 +184,7 @@ def summary_table(exp: Experiment, outcome: SweepOutcome) -> str:
             lines.append(f"{c.label:<34} FAILED: {outcome.failed.get(c.label, '')[:60]}")
             continue
         rel = f"{100 * m['relative_accuracy']:.1f}" if "relative_accuracy" in m else ""
-        lines.append(f"{c.label:<34} {100 * m['accuracy']:6.1f} {rel:>6} {m['equal_token_average']:6.1f} "
+        lines.append(f"{c.label:<34} {100 * m.get('accuracy', float('nan')):6.1f} {rel:>6} "
+                     f"{m.get('equal_token_average', float('nan')):6.1f} "
                      f"{ci(m, 'prefill_speedup'):>26} {ci(m, 'decode_speedup'):>26}")
     return "\n".join(lines)

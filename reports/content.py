@@ -152,7 +152,7 @@ def accuracy_table(sweep: Sweep, model: str) -> Table:
     columns = ["Method", *[t for _, _, t, _ in cols]] + (["Avg."] if avg_col else []) + ["RelAcc"] + (
         ["Δ vs upper bound (95 % CI)"] if single else [])
     sources: list[str] = []
-    matched, marks = [], []
+    matched, marks, omitted = [], [], set()
     by_tier: dict[tuple, list] = {}
     for (key, series), per_group in rows.items():
         first = next(iter(per_group.values()))
@@ -175,6 +175,8 @@ def accuracy_table(sweep: Sweep, model: str) -> Table:
                     matched.append(f"{series} at {c.tokens} tokens on {pub[0].benchmark}")
             texts.append(text)
         measured = [(g, c) for g, c in per_group.items() if "accuracy" in c.metrics]
+        if len(measured) < len(per_group):
+            omitted.update(g[1] for g, c in per_group.items() if "accuracy" not in c.metrics)
         avg = (first.metrics.get("accuracy") if single else
                statistics.fmean(c.metrics["accuracy"] for _, c in measured) if measured else None)
         rels = [c.metrics["accuracy"] / refs[g].metrics["accuracy"] for g, c in measured
@@ -212,6 +214,9 @@ def accuracy_table(sweep: Sweep, model: str) -> Table:
                + ". Bold: the best method of each group (controls in italics never count). Tokens are "
                  "visual tokens retained per layer, averaged over the layers (the equal-token convention).")
     notes = [f"{'†' * (i + 1)} {n}" for i, n in enumerate(marks)]
+    if omitted:
+        notes.append(f"Avg. and RelAcc leave out {', '.join(sorted(omitted))}: no numeric per-sample score (its "
+                     "column shows lmms-eval's own metric).")
     if matched:
         notes.append("pub: the published value of the same model, benchmark, method, settings and tokens, with the "
                      "difference measured − published; sources: " + "; ".join(

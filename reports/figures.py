@@ -55,8 +55,14 @@ def _palette(series: list[str]) -> dict[str, tuple]:
 
 
 # ---- accuracy vs tokens ----------------------------------------------------------------------
+def _scored(cells: list[CellRun]) -> list[CellRun]:
+    """The cells with a harness accuracy (an lmms-eval task without a numeric per-sample score has none)."""
+    return [c for c in cells if c.metrics.get("accuracy") == c.metrics.get("accuracy") is not None]
+
+
 def accuracy_vs_tokens(cells: list[CellRun], out: Path, name: str, title: str) -> list[str]:
     plt = _pyplot()
+    cells = _scored(cells)
     budgeted = [c for c in cells if c.budgeted]
     if not budgeted:
         return []
@@ -108,7 +114,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def accuracy_vs_speedup(cells: list[CellRun], out: Path, name: str, title: str, key: str = "e2e_speedup") -> list[str]:
     plt = _pyplot()
-    pts = [(c, 1.0 if c.is_reference else c.metrics.get(key), 100 * c.metrics["accuracy"]) for c in cells]
+    pts = [(c, 1.0 if c.is_reference else c.metrics.get(key), 100 * c.metrics["accuracy"]) for c in _scored(cells)]
     pts = [(c, x, y) for c, x, y in pts if x is not None and x == x]
     if len(pts) < 2:
         return []

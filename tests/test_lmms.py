@@ -221,8 +221,10 @@ def test_loglikelihood_is_the_continuations_nll_after_the_prompt(tiny_llava_dir)
     (res,) = m.loglikelihood([req])
     nll, greedy = res.text
     x = m.adapter.inputs(image, "What is in the image?")
-    ids = m.adapter.processor.tokenizer(" a red circle", add_special_tokens=False)["input_ids"]
-    full = torch.cat([x["input_ids"], torch.tensor([ids])], 1)
+    full = m.adapter.processor(images=image, text=m.adapter.prompt("What is in the image?") + " a red circle",
+                               return_tensors="pt")["input_ids"]  # tokenized together, as the model reads it
+    ids = full[0, x["input_ids"].shape[1]:].tolist()
+    assert len(ids) >= 3
     with torch.no_grad():
         logits = m.adapter.model(input_ids=full, pixel_values=x["pixel_values"]).logits[0].float()
     n = x["input_ids"].shape[1]
@@ -233,3 +235,35 @@ def test_loglikelihood_is_the_continuations_nll_after_the_prompt(tiny_llava_dir)
     assert abs(nll - ref) <= atol, (nll, ref, atol)
     assert greedy == all(int(steps[i].argmax()) == t for i, t in enumerate(ids))
     assert m.scoring[0]["equal_token_average"] == m.adapter.num_visual
+
+
+def test_tasks_a_sweep_cannot_time_are_refused_before_any_run(tmp_path):
+    pytest.importorskip("lmms_eval")
+    from harness.data import DatasetError
+    from harness.lmms.run import check_task
+    from harness.lmms.tasks import export_shapes
+
+    d = export_shapes(tmp_path, "test", 1)
+    text = (d / "shapes_test.yaml").read_text().replace("task: shapes_test", "task: shapes_choice").replace(
+        "output_type: generate_until", "output_type: multiple_choice\ndoc_to_choice: [a, b]")
+    (d / "shapes_choice.yaml").write_text(text)
+    check_task("shapes_test", str(tmp_path))  # a generation task with its data here: accepted
+    with pytest.raises(DatasetError, match="'shapes_choice' is scored by multiple_choice; allowed as an experiment"):
+        check_task("shapes_choice", str(tmp_path))
+
+
+def test_a_temperature_without_sampling_is_greedy_and_sampling_is_refused():
+    pytest.importorskip("lmms_eval")
+    from types import SimpleNamespace
+
+    from harness.data.synthetic import make_sample
+    from harness.lmms.model import TwigbenchLMM
+
+    m = TwigbenchLMM(max_new_tokens=4)
+    m.task_dict = {"t": {"test": [{"id": 0}]}}
+    image = make_sample("test", 0).image
+    req = lambda kw: SimpleNamespace(args=("What is it?", kw, lambda doc: [image], 0, "t", "test"))  # noqa: E731
+    (text,) = m.generate_until([req({"temperature": 0.2, "do_sample": False, "max_new_tokens": 4})])
+    assert m.max_new_used == {4} and text.token_counts.output_tokens <= 4
+    with pytest.raises(ValueError, match="do_sample=True; allowed: greedy decoding only"):
+        m.generate_until([req({"do_sample": True})])

@@ -318,7 +318,7 @@ def test_one_checkpoint_at_two_dtypes_gives_two_groups_and_distinct_tables(tmp_p
     assert "the sweep is FAILED" in index.read_text()
 
 
-def test_an_lmms_eval_task_without_a_numeric_per_sample_score_shows_its_own_metric():
+def test_an_lmms_eval_task_without_a_numeric_per_sample_score_shows_its_own_metric(tmp_path):
     """MME's per-sample results are dicts: the cell has no harness accuracy; the column shows
     lmms-eval's own score, and the published value beside it."""
     from reports.load import CellRun, Sweep
@@ -335,3 +335,7 @@ def test_an_lmms_eval_task_without_a_numeric_per_sample_score_shows_its_own_metr
     rows = {r.cells[0]: r.cells[1] for r in t.rows()}
     assert t.columns[1] == "MME"
     assert rows["baseline"] == "1511 · pub 1862* (−351.3)" and rows["fastv[K=2]"] == "1019 · pub 1218* (−198.6)"
+    assert any("leave out lmms_eval:mme" in n for n in t.notes)
+    # the figures skip cells without a harness accuracy instead of failing the report
+    assert figures.accuracy_vs_tokens(sweep.cells, tmp_path, "a", "t") == []
+    assert figures.accuracy_vs_speedup(sweep.cells, tmp_path, "b", "t") == []

@@ -59,6 +59,7 @@ class TwigbenchLMM(lmms):
         self.warmup_left = self.cell.timing["warmup"]
         self.records: list[SampleRecord] = []  # one per generate_until request, as a native cell's
         self.scoring: list[dict] = []  # one per loglikelihood request
+        self.max_new_used: set[int] = set()  # the tasks' max_new_tokens (they override the cell's)
 
     def _inputs(self, req, task: str, split: str, doc_id: int, doc_to_visual, ctx: str):
         doc = self.task_dict[task][split][doc_id]
@@ -68,22 +69,32 @@ class TwigbenchLMM(lmms):
                              "prompts hold one image)")
         return doc, self.adapter.inputs(visuals[0].convert("RGB"), ctx)
 
+    def _request(self, req):
+        ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+        doc, x = self._inputs(req, task, split, doc_id, doc_to_visual, ctx)
+        if gen_kwargs.get("do_sample"):  # a temperature without sampling changes nothing under greedy
+            raise ValueError(f"{task}: do_sample=True; allowed: greedy decoding only")
+        max_new = int(gen_kwargs.get("max_new_tokens") or self.runner.max_new_tokens)
+        return ctx, gen_kwargs, doc_id, task, doc, x, max_new
+
     def generate_until(self, requests) -> list[GenerationResult]:
-        """Each request as a native cell measures a sample (warm-up, repeats, the paired baseline
-        as the cell's timing section says); the answer cut at the first `until` string."""
+        """Each request as a native cell measures a sample: the first `timing.warmup` requests run
+        untimed first, then every request is measured (repeats, the paired baseline, timing.subset
+        as the cell's timing section says). Decoding runs to EOS or max_new_tokens (the task's);
+        the answer returned is cut at the first `until` string."""
+        for req in requests[:self.warmup_left]:
+            ctx, _, doc_id, task, doc, x, max_new = self._request(req)
+            self.runner.warm(_sample(task, doc, doc_id), x, max_new)
+        self.warmup_left = 0
+        if self.adapter.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.adapter.device)
         out = []
+        subset = self.cell.timing.get("subset")
         for req in requests:
-            ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            doc, x = self._inputs(req, task, split, doc_id, doc_to_visual, ctx)
-            max_new = int(gen_kwargs.get("max_new_tokens") or self.runner.max_new_tokens)
-            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0:
-                raise ValueError(f"{task}: do_sample / temperature > 0; allowed: greedy decoding only")
-            sample = _sample(task, doc, doc_id)
-            if self.warmup_left > 0:  # untimed, as a native cell's first samples
-                self.runner.warm(sample, x, max_new)
-                self.warmup_left -= 1
-            subset = self.cell.timing.get("subset")
-            rec = self.runner.measure(sample, x, max_new, timed=subset is None or len(self.records) < subset)
+            ctx, gen_kwargs, doc_id, task, doc, x, max_new = self._request(req)
+            self.max_new_used.add(max_new)
+            rec = self.runner.measure(_sample(task, doc, doc_id), x, max_new,
+                                      timed=subset is None or len(self.records) < subset)
             rec.uid, rec.qtype, rec.question = f"{task}-{doc_id}", task, ctx
             rec.prediction = cut(rec.prediction, gen_kwargs.get("until"))
             self.records.append(rec)
@@ -97,13 +108,12 @@ class TwigbenchLMM(lmms):
         greedy decoding would produce it. lmms-eval 0.7 picks a multiple choice by the smallest
         value (its own models return the loss), and needs the pair wrapped in a GenerationResult."""
         out = []
-        tok = self.adapter.processor.tokenizer
         for req in requests:
             ctx, continuation, doc_to_visual, doc_id, task, split = req.args
             doc, x = self._inputs(req, task, split, doc_id, doc_to_visual, ctx)
             if callable(continuation):
                 continuation = continuation(doc)
-            ids = tok(str(continuation), add_special_tokens=False)["input_ids"]
+            ids = self._continuation_ids(x, ctx, str(continuation), visuals=doc_to_visual(doc))
             if not ids:
                 raise ValueError(f"{task} doc {doc_id}: empty continuation {continuation!r}")
             sync(self.adapter.device)
@@ -124,6 +134,18 @@ class TwigbenchLMM(lmms):
                                  "equal_token_average": sum(pre.visual_per_layer) / len(pre.visual_per_layer)})
             out.append(GenerationResult(text=(nll, greedy)))
         return out
+
+    def _continuation_ids(self, x: dict, ctx: str, continuation: str, visuals) -> list[int]:
+        """The continuation's tokens as they fall after the prompt (tokenized together, as the
+        model would read them: a SentencePiece tokenizer merges the leading space differently
+        on its own), falling back to the continuation alone if the prompt's tokens change."""
+        a = self.adapter
+        joint = a.processor(images=visuals[0].convert("RGB"), text=a.prompt(ctx) + continuation,
+                            return_tensors="pt")["input_ids"][0].tolist()
+        prompt = x["input_ids"][0].tolist()
+        if joint[:len(prompt)] == prompt:
+            return joint[len(prompt):]
+        return a.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("twigbench answers single-round requests only (generate_until, loglikelihood); "

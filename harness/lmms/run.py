@@ -58,23 +58,38 @@ def check_task(task: str, include_path: str | None = None) -> None:
         logger.enable("lmms_eval")
 
 
+GENERATION = ("generate_until",)  # what a sweep cell times (the CLI also scores loglikelihood tasks)
+
+
 def _check_task(task: str, include_path: str | None) -> None:
-    tm = task_manager(include_path)
+    try:
+        tm = task_manager(include_path)
+    except Exception as e:  # a missing dependency of lmms-eval, an unreadable task folder
+        raise DatasetError(f"lmms-eval cannot index its tasks{' under ' + include_path if include_path else ''} "
+                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); "
+                           "allowed: lmms-eval installed by `make setup` and folders of valid task YAMLs") from None
     if task not in tm.all_tasks:
         raise DatasetError(f"lmms-eval task {task!r} not found; allowed: a task lmms-eval lists (lmms-eval --tasks "
                            "list) or one under include_path (e.g. twigbench export-shapes DIR writes shapes_test)")
+    try:
+        config = tm._get_config(task)
+    except Exception:
+        config = {}
+    source = str(config.get("dataset_path") or _dataset_path(tm.task_index.get(task, {}).get("yaml_path", "")))
+    kind = config.get("output_type", "generate_until")
+    if kind not in GENERATION:
+        raise DatasetError(f"lmms-eval task {task!r} is scored by {kind}; allowed as an experiment dataset: "
+                           f"{', '.join(GENERATION)} tasks (run it through the lmms-eval CLI with --model twigbench)")
     from lmms_eval.tasks import get_task_dict
 
     try:
         get_task_dict([task], tm)
     except Exception as e:  # the dataset is not on this machine (offline) or cannot be read
-        where = tm.task_index.get(task, {}).get("yaml_path", "")
-        source = _dataset_path(where) if where else "?"
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise DatasetError(f"lmms-eval task {task!r}: its data ({source}) cannot be loaded here ({first}); get it "
                            f"once with network access (HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 lmms-eval --model "
                            f"twigbench --tasks {task} --limit 1) or `huggingface-cli download --repo-type dataset "
-                           f"{source}`, then run offline") from None
+                           f"{source}`, then run offline (gated datasets need `huggingface-cli login` first)") from None
 
 
 def _main_metric(sample: dict, metrics: list[str]) -> float:
@@ -110,5 +125,7 @@ def run_lmms_cell(adapter, cell, baseline=None):
     lmms_metrics = {f"lmms/{task}/{k.split(',')[0]}": v for k, v in res["results"][task].items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k}
     artifacts = {f"lmms_samples_{task}.jsonl": "".join(json.dumps(s, default=str) + "\n" for s in logged)}
-    extra = {"lmms_task": task, "lmms_limit": d.get("limit"), "lmms_metric": metric_names[0] if metric_names else ""}
+    extra = {"lmms_task": task, "lmms_limit": d.get("limit"), "lmms_metric": metric_names[0] if metric_names else "",
+             # the task's generation_kwargs decide (they override generation.max_new_tokens)
+             "max_new_tokens": ",".join(map(str, sorted(model.max_new_used)))}
     return model.runner.result(records, cell.timing["warmup"], start_ms, baseline, extra, lmms_metrics, artifacts)
