@@ -339,3 +339,17 @@ def test_an_lmms_eval_task_without_a_numeric_per_sample_score_shows_its_own_metr
     # the figures skip cells without a harness accuracy instead of failing the report
     assert figures.accuracy_vs_tokens(sweep.cells, tmp_path, "a", "t") == []
     assert figures.accuracy_vs_speedup(sweep.cells, tmp_path, "b", "t") == []
+
+
+def test_fidelity_fit_recovers_a_method_effect_at_equal_coverage():
+    """tools.fidelity: score = effect[method] + slope * coverage; a method that scores 0.2 more at
+    the same coverage gets +0.1 against the mean of two, whatever the two methods' coverages."""
+    from tools.fidelity import fit
+
+    rng = np.random.default_rng(0)
+    which = np.repeat([0, 1], 400)
+    cov = np.where(which == 0, rng.uniform(0, 0.5, 800), rng.uniform(0.5, 1, 800))  # different coverage
+    score = 0.3 + 0.5 * cov + 0.2 * (which == 1)
+    assert np.allclose(fit(["a", "b"], cov, score, which), [-0.1, 0.1])
+    same = 0.3 + 0.5 * cov  # explained by coverage alone: no method effect
+    assert np.allclose(fit(["a", "b"], cov, same, which), [0.0, 0.0], atol=1e-12)

@@ -1,0 +1,87 @@
+"""Is accuracy explained by what was kept? The miniature's fidelity check (issue 11), from a sweep
+in MLflow (no model is run): for every pruning cell at one budget, each sample's score against the
+fraction of its question's object pixels that sit in patches kept as themselves (patches merged
+into a kept token count only with --merged: VisionZip's contextual tokens and pooling then cover
+nearly everything), fitted as score = effect[method] + slope * coverage by least squares. A faithful
+miniature gives every method the same effect at equal coverage (within a few points); a model
+trained on some selection rule's patterns answers better from that rule's tokens.
+
+    python -m tools.fidelity [--experiment default] [--tokens 16] [--tracking-uri sqlite:///mlflow.db] [--merged]
+
+Prints per method: samples, mean coverage, accuracy, and the effect at the mean coverage relative
+to the mean of the methods, with a 95 % bootstrap interval over samples.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from harness.data.synthetic import NUM_PATCHES, make_sample
+from harness.tracking import DEFAULT_TRACKING_URI
+from reports.figures import kept_patches
+from reports.load import load_sweep
+
+BOOTSTRAP = 1000
+
+
+def coverage(record, tokens: int, with_merged: bool = False) -> float | None:
+    """Fraction of the question's object pixels in patches kept at the drawn pruning point."""
+    split, _, index = record.uid.rpartition("-")
+    relevance = make_sample(split, int(index), record.qtype or None).patch_relevance()
+    total = float(relevance.sum())
+    if total == 0:
+        return None
+    kept, merged, _ = kept_patches(record, tokens)
+    kept = set(range(NUM_PATCHES)) if kept is None else kept | (merged if with_merged else set())
+    return float(sum(relevance[p] for p in kept if p < NUM_PATCHES)) / total
+
+
+def fit(methods: list[str], cov: np.ndarray, score: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Least squares of score on one intercept per method and a common slope on coverage; returns
+    each method's fitted score at the mean coverage, minus their mean."""
+    x = np.zeros((len(score), len(methods) + 1))
+    x[np.arange(len(score)), which] = 1.0
+    x[:, -1] = cov
+    beta, *_ = np.linalg.lstsq(x, score, rcond=None)
+    at_mean = beta[:-1] + beta[-1] * cov.mean()
+    return at_mean - at_mean.mean()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiment", default="default")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    ap.add_argument("--merged", action="store_true", help="patches merged into a kept token count as kept")
+    args = ap.parse_args(argv)
+    sweep = load_sweep(args.experiment, args.tracking_uri)
+    cells = [c for c in sweep.cells if c.budgeted and c.tokens == args.tokens and not c.ssd and c.dataset == "shapes"]
+    methods, rows = [], []
+    for c in cells:
+        methods.append(c.series)
+        for r in sweep.records(c):
+            v = coverage(r, args.tokens, args.merged)
+            if v is not None:
+                rows.append((len(methods) - 1, v, r.score))
+    which = np.array([m for m, _, _ in rows])
+    cov = np.array([v for _, v, _ in rows])
+    score = np.array([s for _, _, s in rows])
+    point = fit(methods, cov, score, which)
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(BOOTSTRAP):
+        idx = np.concatenate([rng.choice(np.flatnonzero(which == m), (which == m).sum()) for m in range(len(methods))])
+        draws.append(fit(methods, cov[idx], score[idx], which[idx]))
+    lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
+    print(f"{args.experiment}, {args.tokens} tokens: score = effect[method] + slope * coverage "
+          f"(slope {np.linalg.lstsq(np.c_[np.eye(len(methods))[which], cov], score, rcond=None)[0][-1]:.3f})")
+    print(f"{'method':<22} {'n':>4} {'coverage':>9} {'accuracy':>9} {'effect at equal coverage (95 % CI)':>38}")
+    for m, name in enumerate(methods):
+        sel = which == m
+        print(f"{name:<22} {sel.sum():>4} {cov[sel].mean():>9.3f} {100 * score[sel].mean():>8.1f}% "
+              f"{100 * point[m]:>+14.1f} points [{100 * lo[m]:+.1f}, {100 * hi[m]:+.1f}]")
+
+
+if __name__ == "__main__":
+    main()
