@@ -29,7 +29,7 @@ METHODS = {  # model_args of the three paths the issue names, and the native cel
     ({"decoding": "beam"}, "decoding='beam'; allowed: greedy, ssd"),
     ({"delta": 3}, "delta apply to decoding=ssd only"),
     ({"dtype": "float8"}, "model dtype 'float8'; allowed:"),
-    ({"method": "fastv", "budget": 16, "Q": 1}, "Q"),
+    ({"method": "fastv", "budget": 16, "Q": 1}, "fastv: unknown setting(s) 'Q'; allowed: K"),
 ])
 def test_model_args_are_validated_like_an_experiment_cell(args, message):
     with pytest.raises(ExperimentError) as e:

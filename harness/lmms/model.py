@@ -61,7 +61,7 @@ class TwigbenchLMM(lmms):
         self.scoring: list[dict] = []  # one per loglikelihood request
         self.max_new_used: set[int] = set()  # the tasks' max_new_tokens (they override the cell's)
 
-    def _inputs(self, req, task: str, split: str, doc_id: int, doc_to_visual, ctx: str):
+    def _inputs(self, task: str, split: str, doc_id: int, doc_to_visual, ctx: str):
         doc = self.task_dict[task][split][doc_id]
         visuals = [v for v in (doc_to_visual(doc) if doc_to_visual else []) if v is not None]
         if len(visuals) != 1:
@@ -71,7 +71,7 @@ class TwigbenchLMM(lmms):
 
     def _request(self, req):
         ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-        doc, x = self._inputs(req, task, split, doc_id, doc_to_visual, ctx)
+        doc, x = self._inputs(task, split, doc_id, doc_to_visual, ctx)
         if gen_kwargs.get("do_sample"):  # a temperature without sampling changes nothing under greedy
             raise ValueError(f"{task}: do_sample=True; allowed: greedy decoding only")
         max_new = int(gen_kwargs.get("max_new_tokens") or self.runner.max_new_tokens)
@@ -110,7 +110,7 @@ class TwigbenchLMM(lmms):
         out = []
         for req in requests:
             ctx, continuation, doc_to_visual, doc_id, task, split = req.args
-            doc, x = self._inputs(req, task, split, doc_id, doc_to_visual, ctx)
+            doc, x = self._inputs(task, split, doc_id, doc_to_visual, ctx)
             if callable(continuation):
                 continuation = continuation(doc)
             ids = self._continuation_ids(x, ctx, str(continuation), visuals=doc_to_visual(doc))
