@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from harness import measure
+from harness import measure, roofline
 from harness.contract import ModelShape, build_method, draft_source
 from harness.data import score
 from harness.engine.generate import generate, sync
+from harness.engine.graphs import regime, set_regime
 from harness.engine.speculative import speculative_generate
 from harness.experiment import Cell
 from harness.models.adapter import DTYPES, ModelAdapter
@@ -76,6 +77,7 @@ class CellRunner:
         self.adapter, self.cell = adapter, cell
         self.max_new_tokens = max_new_tokens or cell.generation["max_new_tokens"]
         self.repeats = repeats or cell.timing["repeats"]
+        set_regime(adapter, cell.model.get("engine", "eager"))
         self.method = cell.build()
         self.method.bind(adapter)
         self.method.configure(ModelShape(adapter.num_layers, adapter.num_visual))
@@ -83,6 +85,7 @@ class CellRunner:
         self.twig = draft_for(adapter, self.method, self.ssd) if self.ssd else None
         self.shape = measure.text_shape(adapter.model.config)
         self.value_bytes = torch.finfo(DTYPES[adapter.dtype_name]).bits // 8
+        self.peaks = roofline.measure_peaks(adapter.device, DTYPES[adapter.dtype_name])  # once per device, cached
         self.paired = bool(cell.timing.get("paired")) and not cell.is_reference
         self.reference = build_method("baseline") if self.paired else None
         self.mismatches = 0  # repeats whose tokens differed from the first pass
@@ -102,6 +105,15 @@ class CellRunner:
         rec = generate(adapter, x["input_ids"], x["pixel_values"], self.reference, max_new_tokens, sample=sample)
         sync(adapter.device)
         return _timing(rec, (time.perf_counter() - t0) * 1e3), len(rec.tokens) - 1
+
+    def bounds(self, rec, text_tokens: int, decode_tokens: int) -> dict:
+        """The roofline of a sample's prefill (its layers at their measured tokens, the twig's at the
+        full prompt) and of greedy decoding of its decode tokens over what prefill cached."""
+        kv = [v + text_tokens for v in rec.visual_per_layer]
+        pre = roofline.prefill_bound_s(rec.visual_per_layer, text_tokens, self.shape, self.peaks, self.value_bytes,
+                                       self.method.extra_prefill_layers, self.adapter.num_visual)
+        dec = roofline.decode_bound_s(kv, decode_tokens, self.shape, self.peaks, self.value_bytes)
+        return {"bound_prefill_ms": pre * 1e3, "bound_decode_ms": dec * 1e3}
 
     def measure(self, sample, x: dict, max_new_tokens: int | None = None, bar=None, timed: bool = True) -> SampleRecord:
         """The sample's record (score left at NaN for the caller's scorer); `timed` False: one pass
@@ -135,6 +147,7 @@ class CellRunner:
                                                   self.method.extra_prefill_layers, adapter.num_visual),
             kv_cache_mb=measure.kv_cache_mb(rec.visual_per_layer, text_tokens, self.shape, self.value_bytes),
             visual_per_layer=rec.visual_per_layer, keep={str(k): v for k, v in rec.keep.items()},
+            **self.bounds(rec, text_tokens, len(rec.tokens) - (1 if stats is None else stats.first_tokens)),
             merged={str(k): {str(p): src for p, src in v.items()} for k, v in rec.merged.items()},
             timed=timed, **paired_fields, **spec)
 
@@ -151,7 +164,8 @@ class CellRunner:
         tokens = {} if method.budget is not None else {
             "budget_tokens": int(round(statistics.fmean(r.equal_token_average for r in records)))}
         return {**tokens, **method.params(), **params_ssd, "model": adapter.name, "dtype": adapter.dtype_name,
-                "attn_implementation": adapter.attn_implementation, "num_layers": adapter.num_layers,
+                "attn_implementation": adapter.attn_implementation,
+                "engine": "graphs" if regime(adapter) is not None else "eager", "num_layers": adapter.num_layers,
                 "num_visual": adapter.num_visual, "max_new_tokens": self.max_new_tokens, "warmup": warmup,
                 "repeats": self.repeats, "paired_timing": self.paired, "timed_samples": sum(r.timed for r in records),
                 "dataset": cell.dataset["name"],
@@ -197,7 +211,8 @@ def run_cell(adapter: ModelAdapter, cell: Cell, samples: list, inputs: list[dict
 
 def _timing(rec, wall_ms: float) -> dict:
     return {"vision_ms": rec.vision_ms, "select_ms": rec.select_ms, "prefill_ms": rec.prefill_ms,
-            "ttft_ms": rec.vision_ms + rec.prefill_ms, "decode_ms": rec.decode_ms, "e2e_ms": wall_ms}
+            "ttft_ms": rec.vision_ms + rec.prefill_ms, "decode_ms": rec.decode_ms, "e2e_ms": wall_ms,
+            **{f"gpu_{k}": v for k, v in rec.gpu.items() if v is not None}}
 
 
 def aggregate(records: list[SampleRecord]) -> dict:
@@ -214,9 +229,24 @@ def aggregate(records: list[SampleRecord]) -> dict:
         m["target_forwards_per_token"] = sum(r.target_forwards for r in records) / max(1, new)
     else:
         m["target_forwards_per_token"] = 1.0  # greedy: one full forward per output token
+    m.update(roofline_metrics(records))
     for t in sorted({r.qtype for r in records}):
         m[f"accuracy_{t}"] = statistics.fmean(r.score for r in records if r.qtype == t)
     return m
+
+
+def roofline_metrics(records: list[SampleRecord]) -> dict:
+    """bound / measured over the timed samples (each sample's median repeat): prefill, decode
+    (SSD: against greedy decoding's bound, so above 1 means faster than plain decoding can be) and
+    both together."""
+    recs = [r for r in measure.timed(records) if r.bound_prefill_ms is not None]
+    if not recs:
+        return {}
+    med = {k: sum(statistics.median(t[k] for t in r.timings) for r in recs) for k in ("prefill_ms", "decode_ms")}
+    bp, bd = sum(r.bound_prefill_ms for r in recs), sum(r.bound_decode_ms for r in recs)
+    return {"prefill_roofline_fraction": roofline.fraction(bp, med["prefill_ms"]),
+            "decode_roofline_fraction": roofline.fraction(bd, med["decode_ms"]),
+            "roofline_fraction": roofline.fraction(bp + bd, med["prefill_ms"] + med["decode_ms"])}
 
 
 def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True, position: int = 0):

@@ -25,7 +25,7 @@ class Workspace:
         self.data: dict[tuple, tuple[list, list]] = {}
 
     def adapter(self, model: dict) -> ModelAdapter:
-        key = json.dumps(model, sort_keys=True)
+        key = json.dumps({k: v for k, v in model.items() if k != "engine"}, sort_keys=True)  # either regime
         if key not in self.adapters:
             self.adapters.clear()  # one model in memory at a time
             self.data.clear()

@@ -1,7 +1,9 @@
 """Experiment files: load, validate and expand into cells, before anything runs.
 
     experiment: default                 # MLflow experiment name (one per study)
-    model: {path: embedded, dtype: float32, attn_implementation: sdpa}
+    model: {path: embedded, dtype: float32, attn_implementation: sdpa, engine: eager}
+                                        # engine: eager (the model's modules step by step, as the papers'
+                                        # code runs them) | graphs (static KV caches, CUDA graphs on a GPU)
     # or several:  models: [{path: embedded}, {path: /ckpt/llava-1.5-7b-hf, dtype: float16}]
     dataset: {name: shapes, split: test, samples_per_type: 50}
     # or several:  datasets: [{split: val}, {split: test}]
@@ -43,6 +45,7 @@ import methods as plugins  # noqa: F401  (registers the methods and the draft mo
 from harness.contract import REGISTRY, MethodError, ModelShape, build_method, draft_source
 from harness.data import DATASETS, DatasetError
 from harness.data.synthetic import SPLITS
+from harness.engine.graphs import REGIMES
 from harness.models.adapter import ATTN_IMPLEMENTATIONS, DTYPES, ModelError, read_shape, resolve_model_path
 
 
@@ -50,7 +53,8 @@ class ExperimentError(ValueError):
     """An experiment file that cannot be run."""
 
 
-MODEL_DEFAULTS = {"path": "embedded", "dtype": "float32", "attn_implementation": "sdpa", "checkpoint": None}
+MODEL_DEFAULTS = {"path": "embedded", "dtype": "float32", "attn_implementation": "sdpa", "checkpoint": None,
+                  "engine": "eager"}
 DATASET_DEFAULTS = {"name": "shapes", "split": "test", "samples_per_type": 50}
 SECTIONS = {
     "experiment": None,
@@ -140,9 +144,11 @@ class Cell:
 
     def config(self) -> dict:
         """The resolved configuration: everything that decides the cell's results."""
-        # timing.subset left out when unset, so that sweeps logged before it existed still resume
+        # timing.subset left out when unset and model.engine when eager, so that sweeps logged
+        # before they existed still resume
         timing = {k: v for k, v in self.timing.items() if not (k == "subset" and v is None)}
-        return {"model": self.model, "dataset": self.dataset, "method": self.method,
+        model = {k: v for k, v in self.model.items() if not (k == "engine" and v == "eager")}
+        return {"model": model, "dataset": self.dataset, "method": self.method,
                 "settings": self.settings, "budget": self.budget, "decoding": self.decoding,
                 "generation": self.generation, "timing": timing}
 
@@ -233,6 +239,8 @@ def _check_model(model: dict, where: str) -> None:
     if model["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
         raise ExperimentError(f"{where}: attn_implementation {model['attn_implementation']!r}; "
                               f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if model["engine"] not in REGIMES:
+        raise ExperimentError(f"{where}: model engine {model['engine']!r}; allowed: {', '.join(REGIMES)}")
 
 
 def _check_int(value, name: str, lo: int, where: str) -> None:
@@ -357,7 +365,8 @@ def parse_experiment(raw, where: str = "experiment") -> Experiment:
     per_method = [_method_cells(m, i, budgets, where) for i, m in enumerate(methods)]
     several = len(models) > 1 or len(datasets) > 1
     names = [model_name(m) for m in models]
-    names = [n if names.count(n) == 1 else f"{n}[{m['dtype']},{m['attn_implementation']}]"
+    names = [n if names.count(n) == 1 else
+             f"{n}[{m['dtype']},{m['attn_implementation']}{'' if m['engine'] == 'eager' else ',' + m['engine']}]"
              for n, m in zip(names, models)]
     cells = []
     for model, mname in zip(models, names):

@@ -39,7 +39,7 @@ import statistics
 
 import numpy as np
 
-from harness.records import TIMES, SampleRecord
+from harness.records import GPU_TIMES, TIMES, SampleRecord
 
 BOOTSTRAP = 2000
 
@@ -97,6 +97,7 @@ def repeat_stats(records: list[SampleRecord]) -> list[dict]:
         dec_s = sum(x["decode_ms"] for x in t) / 1e3
         ratios = [k / (x["decode_ms"] / 1e3) for k, x in zip(tok, t) if k > 0 and x["decode_ms"] > 0]
         stats = {k: _median([x[k] for x in t]) for k in TIMES}
+        stats.update({k: _median([x[k] for x in t]) for k in GPU_TIMES if all(x.get(k) is not None for x in t)})
         stats["decode_tokens_per_s_pooled"] = sum(tok) / dec_s if dec_s > 0 else float("nan")
         stats["decode_tokens_per_s_mean"] = statistics.fmean(ratios) if ratios else float("nan")
         out.append(stats)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 TIMES = ("vision_ms", "select_ms", "prefill_ms", "ttft_ms", "e2e_ms")  # per timed pass, with decode_ms
+GPU_TIMES = ("gpu_vision_ms", "gpu_prefill_ms", "gpu_decode_ms")  # CUDA-event stage times (GPU only)
 
 
 @dataclass
@@ -41,6 +42,10 @@ class SampleRecord:
     drafted: int | None = None
     accepted: int | None = None
     rounds: int | None = None
+    # the physical bound of this sample's work on the device (harness.roofline): its prefill, and
+    # greedy decoding of its decode_tokens; roofline_fraction = bound / measured
+    bound_prefill_ms: float | None = None
+    bound_decode_ms: float | None = None
 
     def to_json(self) -> dict:
         """The record as a `samples.jsonl` line (fields that do not apply left out)."""
@@ -74,10 +79,11 @@ def _with_interval(name: str) -> tuple[str, ...]:
 
 METRICS = (
     # the cell's own (harness.cell.aggregate, harness.measure.timing_metrics)
-    "accuracy", "samples", *TIMES, "decode_tokens_per_s_pooled", "decode_tokens_per_s_mean",
+    "accuracy", "samples", *TIMES, *GPU_TIMES, "decode_tokens_per_s_pooled", "decode_tokens_per_s_mean",
     *(f"{t}_spread" for t in (*TIMES, "decode_tokens_per_s_pooled", "decode_tokens_per_s_mean")), "repeats",
     "equal_token_average", "prefill_gflops", "kv_cache_mb", "target_forwards_per_token",
     "acceptance_rate", "mean_accepted_length", "peak_rss_mb", "peak_gpu_allocated_mb", "repeat_token_mismatches",
+    "roofline_fraction", "prefill_roofline_fraction", "decode_roofline_fraction",
     # against the baseline (harness.measure.relative_metrics)
     "relative_accuracy", "agreement_with_baseline", *_with_interval("accuracy_diff"),
     *_with_interval("prefill_speedup"), *_with_interval("ttft_speedup"), *_with_interval("e2e_speedup"),

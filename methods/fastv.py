@@ -41,6 +41,6 @@ class FastV(LayerBudgetMethod):
         return {**super().params(), "convention": self.convention}
 
     def select(self, ctx: LayerContext) -> torch.Tensor:
-        last = torch.tensor([ctx.hidden.shape[1] - 1], device=ctx.hidden.device)
+        last = torch.full((1,), ctx.hidden.shape[1] - 1, device=ctx.hidden.device)  # no host-to-device copy
         scores = ctx.attention(last)[0, ctx.visual_rows]
         return top_k_indices(scores, self.keep_n)

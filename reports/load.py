@@ -144,10 +144,13 @@ def load_sweep(experiment: str, tracking_uri: str = DEFAULT_TRACKING_URI, parent
                      dict(r.data.metrics), dict(r.data.tags), r.info.start_time, r.info.end_time) for r in runs]
     setups: dict[str, set] = {}
     for c in cells:
-        setups.setdefault(c.model, set()).add((c.params.get("dtype"), c.params.get("attn_implementation")))
-    for c in cells:  # one checkpoint run at several dtypes / attention implementations: one group each
+        setups.setdefault(c.model, set()).add((c.params.get("dtype"), c.params.get("attn_implementation"),
+                                               c.params.get("engine", "eager")))
+    for c in cells:  # one checkpoint run at several dtypes / attention implementations / engines: one group each
+        engine = c.params.get("engine", "eager")
         c.variant = c.model if len(setups[c.model]) == 1 else \
-            f"{c.model} ({c.params.get('dtype')}, {c.params.get('attn_implementation')})"
+            f"{c.model} ({c.params.get('dtype')}, {c.params.get('attn_implementation')}" + \
+            ("" if engine == "eager" else f", {engine}") + ")"
     order = _cell_order(mlflow, pid, tracking_uri)
     cells.sort(key=lambda c: (order.get(c.tags.get("cell_hash"), len(order)), c.label))
     return Sweep(experiment, exp.experiment_id, tracking_uri, pid, dict(parent.data.params), dict(parent.data.tags),

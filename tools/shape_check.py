@@ -1,13 +1,27 @@
 """The engine at real size: a random-weight model of LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 tower,
-576 visual tokens, 32 Llama layers of 4096) through baseline, FastV and TwigVLM TTP prefill.
+576 visual tokens, 32 Llama layers of 4096), in both engine regimes, beside its physical bound.
 
     python -m tools.shape_check [--budgets 192 128 64] [--samples 8] [--repeats 3]   # on a GPU
     python -m tools.shape_check --tiny           # anywhere (the default without a GPU)
 
-Random weights say nothing about accuracy; the point is the physical figure beside the speed:
-prefill time (median of repeats, CUDA synchronised) next to the measured tokens per layer and the
-analytic prefill FLOPs of each method, at the sizes where the speedups are claimed. The twig
-(K = 2, T = 3) is grown from the backbone's own layers, as TwigVLM initialises it.
+Three tables, each row with the figure the hardware allows next to the measured one:
+
+1. prefill (vision excluded): baseline, FastV (K=2) and TwigVLM TTP (K=2, T=3) at each budget, per
+   regime: wall ms (median of repeats of the per-sample median; methods interleaved), GPU kernel
+   ms (profiler: the sum of the kernels of one prefill), wall / kernel, speedup over the same
+   regime's baseline, FLOP ratio, and the roofline bound with `roofline_fraction` = bound / wall.
+2. decode (greedy, batch 1, a fixed number of new tokens; random weights never stop at EOS here):
+   tokens/s per regime and through HF `generate()`, against the roofline's tokens/s (the bytes of
+   the weights and the cache each step must read at the measured bandwidth); SSD tokens/s with
+   its acceptance (random weights: the draft rarely agrees; the cost ratios below are the point).
+3. SSD's round: one draft step (layers 0..K-1 + the twig + its head), one verification of
+   delta + 1 rows (layers K..L-1 + the head), one full decode step, each timed alone per regime;
+   their ratios, and the analytic decode speedup bound at the paper's 57.4 % acceptance and at
+   the measured one: E(alpha) * full / (delta * draft + verify), E = (1 - alpha^(delta+1)) / (1 - alpha).
+
+Peaks (FLOP/s from a large matmul, bytes/s from a large copy) are measured once at start-up and
+printed with the device's name. The twig is grown from the backbone's own layers, as TwigVLM
+initialises it.
 """
 from __future__ import annotations
 
@@ -18,12 +32,17 @@ import time
 
 import torch
 
-from harness import measure
+from harness import measure, roofline
 from harness.data import synthetic as syn
-from harness.engine.generate import prefill, sync
+from harness.engine.generate import decode_step, encode_vision, generate, new_cache, prefill, sync
+from harness.engine.graphs import REGIMES, regime, set_regime
+from harness.engine.speculative import crop, shallow_step, speculative_generate, twig_step
+from harness.layers import Rows, forward
 from harness.models import embedded
 from harness.models.adapter import ModelAdapter
 from methods import ModelShape, build_method
+
+PAPER_ACCEPTANCE = 0.574  # TwigVLM's measured acceptance on LLaVA-1.5-7B (delta = 5)
 
 SHAPES = {
     # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24 x 24 patches), Vicuna-7B (Llama-2 7B)
@@ -33,6 +52,11 @@ SHAPES = {
     "tiny": dict(v_hidden=64, v_layers=2, v_heads=4, v_ffn=128, image=96, patch=8,
                  hidden=64, layers=8, heads=4, kv_heads=4, ffn=128, vocab=128),
 }
+
+
+class NoEosAdapter(ModelAdapter):
+    """Decoding never stops at EOS: every timed generation has the same length."""
+    eos_token_id = -1
 
 
 def build(shape: str, dtype: torch.dtype, device: str) -> ModelAdapter:
@@ -56,66 +80,268 @@ def build(shape: str, dtype: torch.dtype, device: str) -> ModelAdapter:
     processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=s["patch"],
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                image_token="<image>")
-    return ModelAdapter(model, processor, f"{shape} (random weights)", str(dtype).split(".")[-1], "sdpa")
+    return NoEosAdapter(model, processor, f"{shape} (random weights)", str(dtype).split(".")[-1], "sdpa")
 
 
-def run(shape: str = "llava-1.5-7b", budgets=(192, 128, 64), samples: int = 8, repeats: int = 3,
-        dtype: str = "float16", device: str | None = None) -> list[dict]:
-    from methods.twigvlm.twig import Twig, save_twig
+# ------------------------------------------------------------------------------ measuring
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    adapter = build(shape, getattr(torch, dtype), device)
-    mshape = ModelShape(adapter.num_layers, adapter.num_visual)
-    twig_dir = tempfile.mkdtemp(prefix="twig-")
-    save_twig(Twig.grow(adapter.model, 2, 3, "copy"), twig_dir, {"init": "copy"})
+def wall_ms(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def kernel_ms(fn, device) -> float:
+    """The GPU's own time for `fn`: the sum of its kernels' durations (profiler); nan off CUDA."""
+    if device.type != "cuda":
+        return float("nan")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    us = sum(getattr(e, "device_time", 0.0) or 0.0 for e in prof.events()
+             if getattr(e, "device_type", None) == DeviceType.CUDA)
+    return us / 1e3
+
+
+def median_ms(fn, device, n: int) -> float:
+    return statistics.median(wall_ms(fn, device) for _ in range(n))
+
+
+def _methods(adapter: ModelAdapter, budgets, twig_dir: str) -> list[tuple[str, int | None, object]]:
+    shape = ModelShape(adapter.num_layers, adapter.num_visual)
 
     def method(name, b=None, **kw):
         m = build_method(name, b, **kw)
         m.bind(adapter)
-        m.configure(mshape)
+        m.configure(shape)
         return m
 
     rows = [("baseline", None, method("baseline"))]
     for b in budgets:
         rows += [("fastv[K=2]", b, method("fastv", b, K=2)), ("twigvlm", b, method("twigvlm", b, twig=twig_dir))]
-    data = [syn.make_sample("test", i) for i in range(samples)]
-    inputs = [adapter.inputs(s.image, s.question) for s in data]
-    text = measure.text_shape(adapter.model.config)
+    return rows
+
+
+# ------------------------------------------------------------------------------ 1. prefill
+
+def prefill_rows(adapter: ModelAdapter, rows, data, inputs, repeats: int, engine: str, peaks) -> list[dict]:
+    set_regime(adapter, engine)
+    dev, text = adapter.device, measure.text_shape(adapter.model.config)
+    nbytes = adapter.model.dtype.itemsize
     with torch.no_grad():
-        for x in inputs[:2]:  # warm-up
-            prefill(adapter, x["input_ids"], x["pixel_values"], rows[0][2])
+        for _, _, m in rows:  # warm-up: every method on every sample (graphs: captures its shapes)
+            for s, x in zip(data, inputs):
+                prefill(adapter, x["input_ids"], x["pixel_values"], m, s)
         times = {i: [] for i in range(len(rows))}
-        tokens, flops = {}, {}
-        for _ in range(repeats):  # rows interleaved per repeat
-            for i, (name, b, m) in enumerate(rows):
+        info = {}
+        for _ in range(repeats):  # methods interleaved per repeat
+            for i, (_, _, m) in enumerate(rows):
                 per = []
                 for s, x in zip(data, inputs):
-                    sync(adapter.device)
-                    t0 = time.perf_counter()
                     pre = prefill(adapter, x["input_ids"], x["pixel_values"], m, s)
-                    sync(adapter.device)
-                    per.append((time.perf_counter() - t0) * 1e3 - pre.vision_ms)
-                    tokens[i] = sum(pre.visual_per_layer) / len(pre.visual_per_layer)
+                    per.append(pre.prefill_ms)
+                    n_text = x["input_ids"].shape[1] - adapter.num_visual
                     twig = m.T if getattr(m, "twig", None) is not None else 0
-                    flops[i] = measure.prefill_gflops(pre.visual_per_layer, x["input_ids"].shape[1] - adapter.num_visual,
-                                                      text, twig, adapter.num_visual)
+                    info[i] = (pre.visual_per_layer, n_text, twig)
                 times[i].append(statistics.median(per))
-    out = []
-    base = statistics.median(times[0])
-    name_dev = torch.cuda.get_device_name() if adapter.device.type == "cuda" else "cpu"
-    print(f"{adapter.name}, {dtype}, {name_dev}: {adapter.num_layers} layers, {adapter.num_visual} visual tokens; "
-          f"prefill = LLM prompt pass incl. pruning and the twig, vision excluded; median of {repeats} repeats "
-          f"of the per-sample median over {samples} samples")
-    print(f"{'method':12} {'budget':>6} {'tokens/layer':>12} {'GFLOPs':>8} {'prefill ms':>10} {'speedup':>8} "
-          f"{'FLOP ratio':>10}")
-    for i, (name, b, m) in enumerate(rows):
-        ms = statistics.median(times[i])
-        r = {"method": name, "budget": b, "tokens_per_layer": tokens[i], "gflops": flops[i], "prefill_ms": ms,
-             "speedup": base / ms, "flop_ratio": flops[0] / flops[i]}
-        out.append(r)
-        print(f"{name:12} {b or 'all':>6} {tokens[i]:12.1f} {flops[i]:8.3g} {ms:10.2f} {r['speedup']:7.2f}x "
-              f"{r['flop_ratio']:9.2f}x")
+        out = []
+        s0, x0 = data[0], inputs[0]
+        for i, (name, b, m) in enumerate(rows):
+            vpl, n_text, twig = info[i]
+            kern = (kernel_ms(lambda: prefill(adapter, x0["input_ids"], x0["pixel_values"], m, s0), dev)
+                    - kernel_ms(lambda: encode_vision(adapter, x0["pixel_values"], m, s0), dev))  # vision excluded
+            ms = statistics.median(times[i])
+            bound = roofline.prefill_bound_s(vpl, n_text, text, peaks, nbytes, twig, adapter.num_visual) * 1e3
+            out.append({"engine": engine, "method": name, "budget": b,
+                        "tokens_per_layer": sum(vpl) / len(vpl),
+                        "gflops": measure.prefill_gflops(vpl, n_text, text, twig, adapter.num_visual),
+                        "prefill_ms": ms, "kernel_ms": kern, "bound_ms": bound,
+                        "roofline_fraction": roofline.fraction(bound, ms)})
+    base = out[0]
+    for r in out:
+        r["speedup"] = base["prefill_ms"] / r["prefill_ms"]
+        r["flop_ratio"] = base["gflops"] / r["gflops"]
     return out
+
+
+# ------------------------------------------------------------------------------ 2. decode
+
+def hf_decode_tokens_per_s(adapter: ModelAdapter, x: dict, new_tokens: int, repeats: int) -> float:
+    """HF generate(): (time for new_tokens - time for 1) / (new_tokens - 1), greedy, no EOS stop."""
+    def gen(n):
+        return lambda: adapter.model.generate(input_ids=x["input_ids"], pixel_values=x["pixel_values"],
+                                              max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    with torch.no_grad():
+        gen(new_tokens)()  # warm-up
+        full = median_ms(gen(new_tokens), adapter.device, repeats)
+        one = median_ms(gen(1), adapter.device, repeats)
+    return (new_tokens - 1) / ((full - one) / 1e3)
+
+
+def decode_rows(adapter: ModelAdapter, x: dict, sample, twig, new_tokens: int, repeats: int, peaks,
+                delta: int = 5, theta: float = 0.6) -> list[dict]:
+    text = measure.text_shape(adapter.model.config)
+    base = build_method("baseline")
+    P = x["input_ids"].shape[1]
+    step_bound = roofline.decode_bound_s([P] * adapter.num_layers, new_tokens - 1, text, peaks,
+                                         adapter.model.dtype.itemsize) / (new_tokens - 1)
+    roof = 1.0 / step_bound
+    out = []
+    for engine in REGIMES:
+        set_regime(adapter, engine)
+        with torch.no_grad():
+            generate(adapter, x["input_ids"], x["pixel_values"], base, new_tokens, sample)  # warm-up/capture
+            recs = [generate(adapter, x["input_ids"], x["pixel_values"], base, new_tokens, sample)
+                    for _ in range(repeats)]
+            tps = statistics.median((len(r.tokens) - 1) / (r.decode_ms / 1e3) for r in recs)
+            out.append({"engine": engine, "decoding": "greedy", "tokens_per_s": tps, "roofline_tokens_per_s": roof,
+                        "roofline_fraction": tps / roof, "acceptance": None})
+            speculative_generate(adapter, x["input_ids"], x["pixel_values"], base, twig, new_tokens, delta, theta, sample)
+            runs = [speculative_generate(adapter, x["input_ids"], x["pixel_values"], base, twig, new_tokens, delta,
+                                         theta, sample) for _ in range(repeats)]
+            tps = statistics.median((len(r.tokens) - st.first_tokens) / (r.decode_ms / 1e3) for r, st in runs)
+            out.append({"engine": engine, "decoding": "ssd", "tokens_per_s": tps, "roofline_tokens_per_s": roof,
+                        "roofline_fraction": tps / roof, "acceptance": runs[0][1].acceptance_rate})
+    tps = hf_decode_tokens_per_s(adapter, x, new_tokens, repeats)
+    out.append({"engine": "hf generate()", "decoding": "greedy", "tokens_per_s": tps, "roofline_tokens_per_s": roof,
+                "roofline_fraction": tps / roof, "acceptance": None})
+    greedy = {r["engine"]: r["tokens_per_s"] for r in out if r["decoding"] == "greedy"}
+    for r in out:
+        r["vs_hf"] = r["tokens_per_s"] / greedy["hf generate()"]
+    return out
+
+
+# ------------------------------------------------------------------------------ 3. SSD's round
+
+def verify_rows(adapter: ModelAdapter, cache, hidden: torch.Tensor, position: int, K: int) -> torch.Tensor:
+    """Layers K..L-1 over `hidden` rows at consecutive positions, then the head on every row."""
+    eng = regime(adapter)
+    if eng is not None:
+        h = eng.run(adapter.layers[K:], cache, adapter.rotary, adapter.implicit_causal, hidden=hidden,
+                    first_position=position)[0]
+    else:
+        pos = torch.arange(position, position + hidden.shape[1], device=hidden.device)
+        cos, sin = adapter.rotary(hidden, pos[None])
+        h = forward(adapter.layers[K:], Rows(hidden, pos, cos, sin), cache, adapter.implicit_causal).hidden
+    return adapter.logits(h)
+
+
+def round_rows(adapter: ModelAdapter, x: dict, sample, twig, delta: int, reps: int, peaks,
+               acceptance: float | None) -> list[dict]:
+    """Per regime: one draft step, one verification of delta + 1 rows and one full decode step,
+    each timed alone (median of `reps`, caches cropped back after each)."""
+    text, nbytes = measure.text_shape(adapter.model.config), adapter.model.dtype.itemsize
+    K, L, P = twig.K, adapter.num_layers, x["input_ids"].shape[1]
+    draft_b, verify_b, full_b = roofline.ssd_round_bounds([P] * L, K, len(twig.layers), delta + 1, text, peaks, nbytes)
+    out = []
+    for engine in REGIMES:
+        set_regime(adapter, engine)
+        with torch.no_grad():
+            pre = prefill(adapter, x["input_ids"], x["pixel_values"], build_method("baseline"), sample,
+                          reserve=4 * (delta + 1))
+            cache = pre.cache
+            twig_cache = new_cache(adapter, "twig", len(twig.layers), 4 * (delta + 1))
+            D = adapter.model.config.text_config.hidden_size
+            hid = torch.randn(1, P, D, device=adapter.device, dtype=adapter.model.dtype) * 0.1
+            twig_step(adapter, twig, hid, torch.arange(P, device=adapter.device), twig_cache)
+            rows = torch.randn(1, delta + 1, D, device=adapter.device, dtype=adapter.model.dtype) * 0.1
+
+            def full():
+                decode_step(adapter, 1, P, cache)
+                crop(cache, 1)
+
+            def draft():
+                h = shallow_step(adapter, [1], P, cache, K)
+                twig_step(adapter, twig, h, P, twig_cache)
+                crop(cache, 1, 0, K)
+                crop(twig_cache, 1)
+
+            def verify():
+                verify_rows(adapter, cache, rows, P, K)
+                crop(cache, delta + 1, K, L)
+
+            times = {}
+            for name, fn in (("full", full), ("draft", draft), ("verify", verify)):
+                for _ in range(3):
+                    fn()  # warm-up (graphs: capture)
+                times[name] = median_ms(fn, adapter.device, reps)
+        r = {"engine": engine, "full_ms": times["full"], "draft_ms": times["draft"], "verify_ms": times["verify"],
+             "draft_over_full": times["draft"] / times["full"], "verify_over_full": times["verify"] / times["full"],
+             "bound_draft_over_full": draft_b / full_b, "bound_verify_over_full": verify_b / full_b,
+             "speedup_bound_paper": roofline.ssd_speedup_bound(PAPER_ACCEPTANCE, delta, times["draft"],
+                                                               times["verify"], times["full"])}
+        if acceptance is not None:
+            r["speedup_bound_measured"] = roofline.ssd_speedup_bound(acceptance, delta, times["draft"],
+                                                                     times["verify"], times["full"])
+        out.append(r)
+    return out
+
+
+# ------------------------------------------------------------------------------ the check
+
+def run(shape: str = "llava-1.5-7b", budgets=(192, 128, 64), samples: int = 8, repeats: int = 3,
+        dtype: str = "float16", device: str | None = None, new_tokens: int = 64, engines=REGIMES,
+        decode: bool = False) -> list[dict]:
+    """Table 1 (prefill) per regime; with `decode`, tables 2 and 3 too. Returns table 1's rows
+    (and, with `decode`, attaches the other tables as run.last)."""
+    from methods.twigvlm.twig import Twig, save_twig
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    adapter = build(shape, getattr(torch, dtype), device)
+    peaks = roofline.measure_peaks(adapter.device, adapter.model.dtype)
+    twig_dir = tempfile.mkdtemp(prefix="twig-")
+    save_twig(Twig.grow(adapter.model, 2, 3, "copy"), twig_dir, {"init": "copy"})
+    rows = _methods(adapter, budgets, twig_dir)
+    data = [syn.make_sample("test", i) for i in range(samples)]
+    inputs = [adapter.inputs(s.image, s.question) for s in data]
+    name_dev = torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda" else "cpu"
+    print(f"{adapter.name}, {dtype}, {name_dev}: {adapter.num_layers} layers, {adapter.num_visual} visual tokens; "
+          f"peaks measured here: {peaks.flops / 1e12:.1f} TFLOP/s (matmul), {peaks.bandwidth / 1e12:.2f} TB/s (copy)")
+    print(f"\n1. prefill = LLM prompt pass incl. pruning and the twig, vision excluded; median of {repeats} "
+          f"repeats of the per-sample median over {samples} samples; kernel = sum of GPU kernel time "
+          f"(profiler, sample 0); bound = sum over layers of max(FLOPs/peak, bytes/bandwidth)")
+    print(f"{'engine':7} {'method':11} {'budget':>6} {'tok/layer':>9} {'GFLOPs':>7} {'wall ms':>8} {'kernel ms':>9} "
+          f"{'wall/kern':>9} {'speedup':>8} {'FLOP x':>7} {'bound ms':>8} {'roofline':>8}")
+    table1 = []
+    for engine in engines:
+        for r in prefill_rows(adapter, rows, data, inputs, repeats, engine, peaks):
+            table1.append(r)
+            print(f"{engine:7} {r['method']:11} {r['budget'] or 'all':>6} {r['tokens_per_layer']:9.1f} "
+                  f"{r['gflops']:7.4g} {r['prefill_ms']:8.2f} {r['kernel_ms']:9.2f} "
+                  f"{r['prefill_ms'] / r['kernel_ms']:9.2f} {r['speedup']:7.2f}x {r['flop_ratio']:6.2f}x "
+                  f"{r['bound_ms']:8.2f} {100 * r['roofline_fraction']:7.1f}%")
+    run.last = {"prefill": table1}
+    if decode:
+        twig = rows[2][2].twig
+        dec = decode_rows(adapter, inputs[0], data[0], twig, new_tokens, repeats, peaks)
+        print(f"\n2. decode: {new_tokens} new tokens after the baseline's prefill (prompt {inputs[0]['input_ids'].shape[1]} "
+              f"tokens), batch 1, median of {repeats}; roofline = 1 / (bytes per step / bandwidth)")
+        print(f"{'engine':14} {'decoding':8} {'tok/s':>8} {'vs HF':>6} {'roofline tok/s':>14} {'fraction':>8} "
+              f"{'acceptance':>10}")
+        for r in dec:
+            acc = "" if r["acceptance"] is None else f"{100 * r['acceptance']:.1f}%"
+            print(f"{r['engine']:14} {r['decoding']:8} {r['tokens_per_s']:8.1f} {r['vs_hf']:5.2f}x "
+                  f"{r['roofline_tokens_per_s']:14.1f} {100 * r['roofline_fraction']:7.1f}% {acc:>10}")
+        acc = next(r["acceptance"] for r in dec if r["decoding"] == "ssd" and r["engine"] == "graphs")
+        rnd = round_rows(adapter, inputs[0], data[0], twig, 5, max(10, 4 * repeats), peaks, acc)
+        print(f"\n3. SSD round (K=2, T=3, delta=5): one draft step, one verification of 6 rows, one full step, "
+              f"each alone; bound E(a)*full/(5*draft+verify) at a = {PAPER_ACCEPTANCE} (paper) and at the "
+              f"measured a = {100 * acc:.1f}% (random weights)")
+        print(f"{'engine':7} {'full ms':>8} {'draft ms':>8} {'verify ms':>9} {'draft/full':>10} {'verify/full':>11} "
+              f"{'(bound)':>15} {'x @57.4%':>8} {'x @meas.':>8}")
+        for r in rnd:
+            print(f"{r['engine']:7} {r['full_ms']:8.2f} {r['draft_ms']:8.2f} {r['verify_ms']:9.2f} "
+                  f"{r['draft_over_full']:10.3f} {r['verify_over_full']:11.3f} "
+                  f"{r['bound_draft_over_full']:7.3f}/{r['bound_verify_over_full']:.3f} "
+                  f"{r['speedup_bound_paper']:7.2f}x {r.get('speedup_bound_measured', float('nan')):7.2f}x")
+        run.last.update(decode=dec, round=rnd)
+    return table1
 
 
 def main(argv=None):
@@ -124,16 +350,18 @@ def main(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=None)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--engines", nargs="+", default=list(REGIMES), choices=REGIMES)
+    ap.add_argument("--no-decode", action="store_true", help="the prefill table only")
     ap.add_argument("--dtype", default=None, help="default: float16 on GPU, float32 on CPU")
     a = ap.parse_args(argv)
     dtype = a.dtype or ("float16" if torch.cuda.is_available() else "float32")
     if not a.tiny and not torch.cuda.is_available():
         print("no GPU here: the small model of the same proportions instead (--tiny); a 7B in fp32 needs 28 GB")
         a.tiny = True
-    if a.tiny:
-        run("tiny", a.budgets or (96, 72, 48), a.samples, a.repeats, dtype)
-    else:
-        run("llava-1.5-7b", a.budgets or (192, 128, 64), a.samples, a.repeats, dtype)
+    shape, budgets = ("tiny", a.budgets or (96, 72, 48)) if a.tiny else ("llava-1.5-7b", a.budgets or (192, 128, 64))
+    run(shape, budgets, a.samples, a.repeats, dtype, new_tokens=a.new_tokens, engines=a.engines,
+        decode=not a.no_decode)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from harness.contract import LayerContext, Method, ModelShape, Reduced, Selection, VisionContext
+from harness.engine.graphs import StaticCache, regime
 from harness.layers import Rows, attention_rows, forward
 from harness.models.adapter import ModelAdapter
 
@@ -28,6 +29,34 @@ from harness.models.adapter import ModelAdapter
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def mark(device: torch.device):
+    """A CUDA event recorded now on the current stream (None off CUDA): stage times on the GPU's
+    own clock, read once the stream has been synchronised (gpu_ms)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def gpu_ms(start, end) -> float | None:
+    return start.elapsed_time(end) if start is not None and end is not None else None
+
+
+def new_cache(adapter: ModelAdapter, name: str = "backbone", num_layers: int | None = None, reserve: int = 64):
+    """A KV cache for a model part ("backbone", "twig") in the adapter's regime: a DynamicCache
+    (eager), or a static one with `reserve` entries per layer beyond the prompt (graphs)."""
+    eng = regime(adapter)
+    if eng is None:
+        return DynamicCache(config=adapter.model.config.text_config) if name == "backbone" else DynamicCache()
+    return eng.new_cache(name, num_layers or adapter.num_layers, reserve)
+
+
+def host_keep(keep: dict) -> dict:
+    """Kept indices as lists (prefill keeps them on the device until its clock stops)."""
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in keep.items()}
 
 
 # ------------------------------------------------------------------------------ records
@@ -44,6 +73,7 @@ class Prefill:
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
     select_ms: float = 0.0  # time spent in methods' selection (pruning overhead), inside prefill
+    gpu: dict = field(default_factory=dict)  # CUDA-event stage times (vision_ms, prefill_ms) on a GPU
 
 
 @dataclass
@@ -57,6 +87,7 @@ class Record:
     visual_per_layer: list[int]
     keep: dict[int, list[int]] = field(default_factory=dict)
     merged: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    gpu: dict = field(default_factory=dict)  # CUDA-event stage times: vision_ms, prefill_ms, decode_ms
 
     @property
     def equal_token_average(self) -> float:
@@ -96,6 +127,7 @@ class Sequence(Rows):
     visual_per_layer: list = field(default_factory=list)
     select_s: float = 0.0
     grids: list | None = None
+    events: list = field(default_factory=list)  # CUDA events at the stage boundaries so far
 
     def context(self, layer_idx, attention) -> LayerContext:
         return LayerContext(layer_idx, self.hidden, self.visual_rows, self.patch_ids, attention, self.shape,
@@ -149,16 +181,17 @@ def prune(adapter: ModelAdapter, seq: Sequence, method: Method, layer_idx: int, 
     seq.hidden, seq.positions, seq.patch_ids = torch.cat(pieces, dim=1), torch.cat(pos), torch.cat(ids)
     seq.visual_rows = torch.arange(start, start + len(seq.patch_ids), device=device)
     seq.cos, seq.sin = adapter.rotary(seq.hidden, seq.positions[None])
-    seq.keep[layer_idx] = seq.patch_ids.tolist()
+    seq.keep[layer_idx] = seq.patch_ids  # read back to the host after the timed prefill (host_keep)
     if sel.merged:
         seq.merged[layer_idx] = sel.merged
     seq.select_s += time.perf_counter() - ts
 
 
-def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache: DynamicCache, first: int, last: int,
+def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache, first: int, last: int,
                before_prune=None) -> Sequence:
     """Backbone layers first..last-1 over `seq` (appending to their caches), pruning after the
-    method's layers; `before_prune(i, seq)` sees each layer's output before any pruning.
+    method's layers; `before_prune(i, seq)` sees layer i's output before any pruning (every layer
+    in the eager regime; in the graphs regime only at pruning points and at last - 1).
     first == 0 also runs the method's prepare hook and its pruning on the input embeddings."""
     if first == 0:
         ts = time.perf_counter()
@@ -168,6 +201,8 @@ def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache: Dyna
             before_prune(-1, seq)
         if -1 in method.prune_layers:
             prune(adapter, seq, method, -1, None)
+    if isinstance(cache, StaticCache):
+        return _run_segments(adapter, seq, method, cache, first, last, before_prune)
 
     def after(layer, layer_input):
         i = layer.self_attn.layer_idx
@@ -181,39 +216,71 @@ def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache: Dyna
     return forward(adapter.layers[first:last], seq, cache, adapter.implicit_causal, after)
 
 
+def _run_segments(adapter: ModelAdapter, seq: Sequence, method: Method, cache: StaticCache, first: int, last: int,
+                  before_prune=None) -> Sequence:
+    """The graphs regime's run_layers: one captured pass per run of layers between pruning points."""
+    stops = sorted({i for i in method.prune_layers if first <= i < last - 1} | {last - 1})
+    a = first
+    for b in stops:
+        want = b in method.prune_layers
+        hidden, layer_input, _ = regime(adapter).run(adapter.layers[a:b + 1], cache, adapter.rotary,
+                                                     adapter.implicit_causal, hidden=seq.hidden,
+                                                     positions=seq.positions, want_last_input=want)
+        seq.hidden = hidden
+        seq.visual_per_layer += [len(seq.visual_rows)] * (b + 1 - a)
+        if before_prune is not None:
+            before_prune(b, seq)
+        if want:
+            layer, keys, c, s = adapter.layers[b], cache.layers[b].keys, seq.cos, seq.sin
+            prune(adapter, seq, method, b, lambda rows: attention_rows(layer, layer_input, rows, c, s, keys))
+        a = b + 1
+    return seq
+
+
 def start_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
                  sample=None) -> tuple[Sequence, float, float]:
     """The timed vision stage, then the embedded prompt: (sequence, vision ms, clock after vision)."""
     sync(adapter.device)
     t0 = time.perf_counter()
+    e0 = mark(adapter.device)
     with torch.no_grad():
         vis = encode_vision(adapter, pixel_values, method, sample)
+    e1 = mark(adapter.device)
     sync(adapter.device)
     t1 = time.perf_counter()
     with torch.no_grad():
         seq = embed_prompt(adapter, input_ids, vis, sample)
+    seq.events = [e0, e1]
     return seq, (t1 - t0) * 1e3, t1
 
 
 def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
-            sample=None) -> Prefill:
-    """Run the prompt through every layer, letting the method drop visual tokens after its layers."""
+            sample=None, reserve: int = 64) -> Prefill:
+    """Run the prompt through every layer, letting the method drop visual tokens after its layers.
+    `reserve`: cache entries per layer for the tokens decoding will add (graphs regime)."""
     device = adapter.device
     seq, vision_ms, t1 = start_prompt(adapter, input_ids, pixel_values, method, sample)
     with torch.no_grad():
         prompt_len = seq.hidden.shape[1]  # decode positions continue from here, whatever is pruned later
-        cache = DynamicCache(config=adapter.model.config.text_config)
+        cache = new_cache(adapter, reserve=reserve)
         run_layers(adapter, seq, method, cache, 0, adapter.num_layers)
         logits = adapter.logits(seq.hidden[:, -1:])[0, -1]
+    e2 = mark(device)
     sync(device)
     t2 = time.perf_counter()
-    return Prefill(cache, logits, prompt_len, seq.visual_per_layer, seq.keep, seq.merged,
-                   vision_ms=vision_ms, prefill_ms=(t2 - t1) * 1e3, select_ms=seq.select_s * 1e3)
+    e0, e1 = seq.events
+    gpu = {"vision_ms": gpu_ms(e0, e1), "prefill_ms": gpu_ms(e1, e2)} if e0 is not None else {}
+    return Prefill(cache, logits, prompt_len, seq.visual_per_layer, host_keep(seq.keep), seq.merged,
+                   vision_ms=vision_ms, prefill_ms=(t2 - t1) * 1e3, select_ms=seq.select_s * 1e3, gpu=gpu)
 
 
-def decode_step(adapter: ModelAdapter, token: int, position: int, cache: DynamicCache) -> torch.Tensor:
+def decode_step(adapter: ModelAdapter, token: int, position: int, cache) -> torch.Tensor:
     """One token through every layer; each layer attends to everything it cached."""
     with torch.no_grad():
+        if isinstance(cache, StaticCache):
+            return regime(adapter).run(adapter.layers, cache, adapter.rotary, adapter.implicit_causal,
+                                       tokens=[token], embed=adapter.embed, first_position=position,
+                                       head=adapter.logits)[2][0, -1]
         rows = adapter.rows([token], position)
         forward(adapter.layers, rows, cache, adapter.implicit_causal)
         return adapter.logits(rows.hidden)[0, -1]
@@ -222,17 +289,20 @@ def decode_step(adapter: ModelAdapter, token: int, position: int, cache: Dynamic
 def generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor, method: Method,
              max_new_tokens: int = 64, sample=None) -> Record:
     """Greedy decoding after a (possibly pruned) prefill; stops after EOS or max_new_tokens."""
-    pre = prefill(adapter, input_ids, pixel_values, method, sample)
+    pre = prefill(adapter, input_ids, pixel_values, method, sample, reserve=max_new_tokens)
     eos = adapter.eos_token_id
     tokens = [int(pre.logits.argmax())]
     sync(adapter.device)
     t0 = time.perf_counter()
+    e0 = mark(adapter.device)
     position = pre.prompt_len
     while len(tokens) < max_new_tokens and tokens[-1] != eos:
         logits = decode_step(adapter, tokens[-1], position, pre.cache)
         position += 1
         tokens.append(int(logits.argmax()))
+    e1 = mark(adapter.device)
     sync(adapter.device)
     decode_ms = (time.perf_counter() - t0) * 1e3
+    gpu = {**pre.gpu, "decode_ms": gpu_ms(e0, e1)} if e0 is not None else {}
     return Record(tokens, adapter.decode(tokens), pre.vision_ms, pre.prefill_ms, pre.select_ms,
-                  decode_ms, pre.visual_per_layer, pre.keep, pre.merged)
+                  decode_ms, pre.visual_per_layer, pre.keep, pre.merged, gpu)

@@ -26,10 +26,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from harness.contract import DraftModel, Method
-from harness.engine.generate import Record, Sequence, run_layers, start_prompt, sync
+from harness.engine.generate import (Record, Sequence, gpu_ms, host_keep, mark, new_cache, run_layers, start_prompt,
+                                     sync)
+from harness.engine.graphs import StaticCache, regime
 from harness.layers import Rows, forward
 from harness.models.adapter import ModelAdapter
 
@@ -65,18 +66,40 @@ class Draft:
 
 def shallow_step(adapter: ModelAdapter, tokens: list[int], start_pos: int, cache, K: int) -> torch.Tensor:
     """New tokens through layers 0..K-1 (appending to their caches): their layer-K inputs."""
+    if isinstance(cache, StaticCache):
+        return regime(adapter).run(adapter.layers[:K], cache, adapter.rotary, adapter.implicit_causal,
+                                   tokens=tokens, embed=adapter.embed, first_position=start_pos)[0]
     return forward(adapter.layers[:K], adapter.rows(tokens, start_pos), cache, adapter.implicit_causal).hidden
 
 
-def twig_step(adapter: ModelAdapter, twig: DraftModel, hidden: torch.Tensor, positions: torch.Tensor,
+def twig_step(adapter: ModelAdapter, twig: DraftModel, hidden: torch.Tensor, positions: torch.Tensor | int,
               cache) -> torch.Tensor:
-    """Rows through the twig (appending to its cache); the twig's logits at the last row."""
+    """Rows through the twig (appending to its cache), at `positions` (a tensor, or the first of
+    consecutive positions); the twig's logits at the last row."""
+    if isinstance(cache, StaticCache):
+        at = dict(positions=positions) if isinstance(positions, torch.Tensor) else dict(first_position=positions)
+        if cache.get_seq_length(0) == 0:  # the prompt: a fresh pass, the head on its last row outside it
+            h = regime(adapter).run(twig.layers, cache, adapter.rotary, False, hidden=hidden, **at)[0]
+            return twig.logits(h[:, -1:])[0, -1]
+        return regime(adapter).run(twig.layers, cache, adapter.rotary, False, hidden=hidden, head=twig.logits,
+                                   **at)[2][0, -1]
+    if not isinstance(positions, torch.Tensor):
+        positions = torch.arange(positions, positions + hidden.shape[1], device=hidden.device)
     cos, sin = adapter.rotary(hidden, positions[None])
     rows = forward(twig.layers, Rows(hidden, positions, cos, sin), cache, implicit_causal=False)
     return twig.logits(rows.hidden[:, -1:])[0, -1]
 
 
-def shallow_prefill(adapter: ModelAdapter, seq: Sequence, method: Method, cache, twig: DraftModel):
+def crop(cache, n: int, first: int = 0, last: int | None = None) -> None:
+    """Drop the last n entries of layers first..last-1 (default: every layer) of a cache."""
+    if isinstance(cache, StaticCache):
+        cache.crop_all(n, first, last)
+    else:
+        for layer in cache.layers[first:last]:
+            layer.crop(-n)
+
+
+def shallow_prefill(adapter: ModelAdapter, seq: Sequence, method: Method, cache, twig: DraftModel, reserve: int = 64):
     """Layers 0..K-1 over the prompt (with the method's pruning there), then the twig over layer
     K-1's unpruned output, unless the method already ran that pass: (twig cache, twig logits)."""
     shallow = {}
@@ -87,9 +110,13 @@ def shallow_prefill(adapter: ModelAdapter, seq: Sequence, method: Method, cache,
 
     run_layers(adapter, seq, method, cache, 0, twig.K, before_prune=keep_shallow)
     shared = method.take_draft_pass(twig)
+    twig_cache = new_cache(adapter, "twig", len(twig.layers), reserve)
     if shared is not None:
-        return shared.cache, twig.logits(shared.hidden[:, -1:])[0, -1]
-    twig_cache = DynamicCache()
+        if isinstance(twig_cache, StaticCache):  # the method's pass ran eagerly: take its entries over
+            twig_cache.load(shared.cache, twig.layers)
+        else:
+            twig_cache = shared.cache
+        return twig_cache, twig.logits(shared.hidden[:, -1:])[0, -1]
     return twig_cache, twig_step(adapter, twig, shallow["rows"].hidden, shallow["rows"].positions, twig_cache)
 
 
@@ -99,22 +126,22 @@ def propose(adapter: ModelAdapter, twig: DraftModel, cache, twig_cache, logits: 
     token it saw), stopping early at EOS or below probability `theta`. The correction token of the
     previous round goes through layers 0..K-1 and the twig first; every draft goes through layers
     0..K-1 (its layer-K input is what the target verifies) and all but the last through the twig."""
-    device, K, eos = adapter.device, twig.K, adapter.eos_token_id
+    K, eos = twig.K, adapter.eos_token_id
     draft = Draft([], [], position)
     if correction is not None:
         h = shallow_step(adapter, [correction], position, cache, K)
         draft.rows.append(h)
-        logits = twig_step(adapter, twig, h, torch.tensor([position], device=device), twig_cache)
+        logits = twig_step(adapter, twig, h, position, twig_cache)
         position += 1
     while True:
-        probs = logits.float().softmax(-1)
-        d = int(probs.argmax())
+        p, d = logits.float().softmax(-1).max(-1)
+        p, d = p.item(), int(d.item())  # the host decides whether to go on: one read per draft
         draft.tokens.append(d)
         h = shallow_step(adapter, [d], position, cache, K)
         draft.rows.append(h)
-        if len(draft.tokens) >= limit or d == eos or float(probs[d]) < theta:
+        if len(draft.tokens) >= limit or d == eos or p < theta:
             return draft
-        logits = twig_step(adapter, twig, h, torch.tensor([position], device=device), twig_cache)
+        logits = twig_step(adapter, twig, h, position, twig_cache)
         position += 1
 
 
@@ -152,15 +179,13 @@ def rollback(adapter: ModelAdapter, twig: DraftModel, cache, twig_cache, draft: 
     round's input); when every draft was accepted the twig also takes the last one."""
     rejected = len(draft.tokens) - m
     if rejected:
-        for i in range(adapter.num_layers):
-            cache.layers[i].crop(-rejected)
+        crop(cache, rejected)
     twig_has = len(draft.tokens) - 1  # drafts the twig processed (all but the last)
     if m > twig_has:
         last_pos = draft.first_position + len(draft.rows) - 1
-        twig_step(adapter, twig, draft.rows[-1], torch.tensor([last_pos], device=adapter.device), twig_cache)
+        twig_step(adapter, twig, draft.rows[-1], last_pos, twig_cache)
     elif twig_has - m:
-        for i in range(len(twig.layers)):
-            twig_cache.layers[i].crop(-(twig_has - m))
+        crop(twig_cache, twig_has - m)
 
 
 def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.Tensor,
@@ -173,8 +198,9 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
     seq, vision_ms, t1 = start_prompt(adapter, input_ids, pixel_values, method, sample)
     with torch.no_grad():
         P = seq.hidden.shape[1]
-        cache = DynamicCache(config=adapter.model.config.text_config)
-        twig_cache, logits = shallow_prefill(adapter, seq, method, cache, twig)
+        reserve = max_new_tokens + delta + 1
+        cache = new_cache(adapter, reserve=reserve)
+        twig_cache, logits = shallow_prefill(adapter, seq, method, cache, twig, reserve)
         fuse = method.fuses_first_round(K)
         out: list[int] = []
         correction = None  # the target's last token: not cached yet, the next round's input
@@ -184,6 +210,7 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             correction = int(adapter.logits(seq.hidden[:, -1:])[0, -1].argmax())
             out.append(correction)
         first_token_at = time.perf_counter() if out else None
+        first_event = mark(device) if out else None
         stats.first_tokens = len(out)
         while len(out) < max_new_tokens and eos not in out:
             position = P + len(out) - (1 if correction is not None else 0)  # of the next new row
@@ -201,14 +228,19 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
             if on_round is not None:
                 on_round(list(out), cache, twig_cache)
             if first_token_at is None:
+                first_event = mark(device)
                 sync(device)
                 first_token_at = time.perf_counter()
                 stats.first_tokens = min(len(out), max_new_tokens)
         out = out[:max_new_tokens]
+    end_event = mark(device)
     sync(device)
     t2 = time.perf_counter()
+    e0, e1 = seq.events
+    gpu = {"vision_ms": gpu_ms(e0, e1), "prefill_ms": gpu_ms(e1, first_event),
+           "decode_ms": gpu_ms(first_event, end_event)} if e0 is not None else {}
     prefill_ms = (first_token_at - t1) * 1e3  # time to the first token (round 1 when fused)
     decode_ms = (t2 - first_token_at) * 1e3
     rec = Record(out, adapter.decode(out), vision_ms, prefill_ms, seq.select_s * 1e3, decode_ms,
-                 seq.visual_per_layer[:L], seq.keep, seq.merged)
+                 seq.visual_per_layer[:L], host_keep(seq.keep), seq.merged, gpu)
     return rec, stats

@@ -1,6 +1,6 @@
 """lmms-eval `--model_args` -> one experiment cell, validated like an experiment file's.
 
-    pretrained=DIR|embedded, checkpoint=HUB_ID, dtype=float32, attn_implementation=sdpa,
+    pretrained=DIR|embedded, checkpoint=HUB_ID, dtype=float32, attn_implementation=sdpa, engine=eager|graphs,
     method=fastv, budget=64 (tokens) | 0.889 (pruning ratio), max_new_tokens=48,
     decoding=greedy|ssd, ssd_twig=DIR, delta=5, theta=0.6,
     any other key: a setting of the method (K=2, twig=DIR, score_layer=1, ...)
@@ -12,7 +12,7 @@ from __future__ import annotations
 from harness.experiment import Cell, ExperimentError, parse_experiment, validate
 
 MODEL_KEYS = {"pretrained": "path", "checkpoint": "checkpoint", "dtype": "dtype",
-              "attn_implementation": "attn_implementation"}
+              "attn_implementation": "attn_implementation", "engine": "engine"}
 SSD_KEYS = {"ssd_twig": "twig", "delta": "delta", "theta": "theta"}
 
 
@@ -31,7 +31,7 @@ def cell_from_args(args: dict) -> Cell:
         raise ExperimentError(f"model_args: decoding={decoding!r}; allowed: greedy, ssd")
     if decoding == "greedy" and ssd:
         raise ExperimentError(f"model_args: {', '.join(sorted(ssd))} apply to decoding=ssd only; allowed with "
-                              "greedy: pretrained, checkpoint, dtype, attn_implementation, method, budget, "
+                              "greedy: pretrained, checkpoint, dtype, attn_implementation, engine, method, budget, "
                               "max_new_tokens and the method's settings")
     if decoding == "ssd" and "twig" not in ssd and "twig" in args:
         ssd["twig"] = args["twig"]

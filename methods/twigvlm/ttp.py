@@ -147,7 +147,7 @@ class TwigTTP(Method):
         rows = Rows(ctx.hidden, ctx.positions, cos, sin)
         seen = {}
         forward(layers, rows, cache, implicit_causal=False, after=lambda layer, x: seen.update(layer=layer, x=x))
-        last = torch.tensor([ctx.hidden.shape[1] - 1], device=ctx.hidden.device)
+        last = torch.full((1,), ctx.hidden.shape[1] - 1, device=ctx.hidden.device)  # no host-to-device copy
         keys = cache.layers[seen["layer"].self_attn.layer_idx].keys
         return attention_rows(seen["layer"], seen["x"], last, cos, sin, keys)[0], rows
 
