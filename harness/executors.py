@@ -24,8 +24,13 @@ class Workspace:
         self.adapters: dict[str, ModelAdapter] = {}
         self.data: dict[tuple, tuple[list, list]] = {}
 
+    @staticmethod
+    def key(model: dict) -> str:
+        """A loaded model's key: the model entry without its engine (both regimes share the weights)."""
+        return json.dumps({k: v for k, v in model.items() if k != "engine"}, sort_keys=True)
+
     def adapter(self, model: dict) -> ModelAdapter:
-        key = json.dumps({k: v for k, v in model.items() if k != "engine"}, sort_keys=True)  # either regime
+        key = self.key(model)
         if key not in self.adapters:
             self.adapters.clear()  # one model in memory at a time
             self.data.clear()

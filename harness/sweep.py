@@ -13,12 +13,11 @@ import json
 import re
 from dataclasses import dataclass
 
-import torch
-
-from harness import measure
+from harness import measure, roofline
 from harness.cell import progress_bar
 from harness.executors import Workspace, local_executor, ray_executor
 from harness.experiment import Cell, Experiment, model_name
+from harness.models.adapter import default_device
 from harness.records import CellResult, SampleRecord
 from harness.tracking import DEFAULT_TRACKING_URI, SweepStore, environment_tags
 
@@ -53,15 +52,29 @@ def cell_tags(cell: Cell, env: dict) -> dict:
             "decoding": (cell.decoding or {}).get("name", "greedy")}
 
 
+def device_peaks(exp: Experiment, device) -> dict:
+    """The device's measured peaks (harness.roofline), once per dtype the sweep's models use: the
+    denominators of every cell's roofline_fraction."""
+    from harness.models.adapter import DTYPES
+
+    out = {}
+    for dtype in sorted({m["dtype"] for m in exp.models}):
+        p = roofline.measure_peaks(device, DTYPES[dtype])
+        out[f"peak_tflops_{dtype}"] = p.flops / 1e12
+        out["peak_bandwidth_tb_per_s"] = p.bandwidth / 1e12
+    return out
+
+
 def run_experiment(exp: Experiment, tracking_uri: str = DEFAULT_TRACKING_URI, executor: str = "local",
                    progress: bool = True, log=print, fresh: bool = False, **executor_options) -> SweepOutcome:
     store = SweepStore(tracking_uri, exp.name)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()  # where the workspace loads the models ($TWIGBENCH_DEVICE, else a GPU if any)
     env = environment_tags(device)
     cells_json = json.dumps([{"label": c.label, "hash": c.hash, **c.config()} for c in exp.cells], indent=1,
                             default=str)
     resumed = store.open(exp.hash, f"sweep-{exp.name}-{exp.hash[:8]}", _sweep_params(exp), env, exp.source,
                          cells_json, fresh)
+    store.log_parent_metrics(device_peaks(exp, device))
     done = store.finished_cells()
     todo = [c for c in exp.cells if c.hash not in done]
     skipped = [c.label for c in exp.cells if c.hash in done]
@@ -141,7 +154,7 @@ def closing_pass(ws: Workspace, exp: Experiment, outcome: SweepOutcome, store: S
     shows how much the machine drifted during the sweep, an uncertainty that the speedup intervals
     (repeats within a cell) do not contain. Logged on the parent run."""
     drift = {}
-    model = lambda c: json.dumps(c.model, sort_keys=True)  # noqa: E731
+    model = lambda c: ws.key(c.model)  # noqa: E731
     # lmms-eval tasks are left out: timing one again would run the whole benchmark again
     references = [c for c in exp.cells if c.is_reference and c.label in outcome.metrics
                   and "lmms_eval" not in c.dataset]

@@ -39,8 +39,8 @@ PER_TYPE = 30
 
 
 @pytest.fixture(scope="module")
-def accuracy():
-    adapter = load_model("embedded")
+def accuracy(device):
+    adapter = load_model("embedded", device=device)
     shape = ModelShape(adapter.num_layers, adapter.num_visual)
     samples = [syn.make_sample("test", 5000 + i) for i in range(PER_TYPE * len(syn.QUESTION_TYPES))]
     acc = {name: collections.defaultdict(list) for name in ("baseline", "blind", "oracle", "random")}

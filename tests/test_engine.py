@@ -25,8 +25,8 @@ class KeepAllAt(Method):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_greedy_equals_transformers_generate(tiny_llava_dir, samples, attn):
-    adapter = load_model(tiny_llava_dir, attn_implementation=attn)
+def test_greedy_equals_transformers_generate(tiny_llava_dir, samples, attn, device):
+    adapter = load_model(tiny_llava_dir, attn_implementation=attn, device=device)
     for s in samples[:4]:
         x = adapter.inputs(s.image, s.question)
         ours = generate(adapter, x["input_ids"], x["pixel_values"], Method(), max_new_tokens=12)
@@ -35,8 +35,8 @@ def test_greedy_equals_transformers_generate(tiny_llava_dir, samples, attn):
         assert ours.visual_per_layer == [adapter.num_visual] * adapter.num_layers
 
 
-def test_probe_equals_eager_attentions(tiny_llava_dir, samples):
-    adapter = load_model(tiny_llava_dir, attn_implementation="eager")
+def test_probe_equals_eager_attentions(tiny_llava_dir, samples, device):
+    adapter = load_model(tiny_llava_dir, attn_implementation="eager", device=device)
     s = samples[0]
     x = adapter.inputs(s.image, s.question)
     rows = lambda n: [n - 1, n - 3, 0, 40]  # noqa: E731  last token, an instruction word, BOS, an image token
@@ -51,8 +51,8 @@ def test_probe_equals_eager_attentions(tiny_llava_dir, samples):
         assert_fp32_close(probe, ref.float(), reduction=ref.shape[-1], depth=2)
 
 
-def test_keep_everything_reproduces_baseline(tiny_llava_dir, samples):
-    adapter = load_model(tiny_llava_dir)
+def test_keep_everything_reproduces_baseline(tiny_llava_dir, samples, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     for s in samples[:3]:
         x = adapter.inputs(s.image, s.question)
         base = generate(adapter, x["input_ids"], x["pixel_values"], Method(), max_new_tokens=10)
@@ -61,9 +61,9 @@ def test_keep_everything_reproduces_baseline(tiny_llava_dir, samples):
         assert sorted(kept.keep) == [-1, 0, 2] and all(len(v) == adapter.num_visual for v in kept.keep.values())
 
 
-def test_fastv_keeps_exactly_the_naive_top_n(tiny_llava_dir, samples):
+def test_fastv_keeps_exactly_the_naive_top_n(tiny_llava_dir, samples, device):
     """Naive FastV: eager forward, layer K-1's attention, last row, head mean, image columns, top-N."""
-    adapter = load_model(tiny_llava_dir, attn_implementation="eager")
+    adapter = load_model(tiny_llava_dir, attn_implementation="eager", device=device)
     image_id = adapter.image_token_id
     for K in (1, 2):
         method = build_method("fastv", budget=0.4, K=K)
@@ -83,11 +83,11 @@ def test_fastv_keeps_exactly_the_naive_top_n(tiny_llava_dir, samples):
             assert pre.visual_per_layer == [m] * K + [method.keep_n] * (adapter.num_layers - K)
 
 
-def test_pruned_prefill_equals_truncated_transformers_forward(tiny_llava_dir, samples):
+def test_pruned_prefill_equals_truncated_transformers_forward(tiny_llava_dir, samples, device):
     """After FastV drops tokens, the first-token logits equal transformers' own forward of layers
     K..L-1 over the kept hidden states at their original position ids."""
 
-    adapter = load_model(tiny_llava_dir)
+    adapter = load_model(tiny_llava_dir, device=device)
     lm = adapter.language_model
     K = 2
     method = build_method("fastv", budget=0.4, K=K)
@@ -100,7 +100,7 @@ def test_pruned_prefill_equals_truncated_transformers_forward(tiny_llava_dir, sa
     ids = x["input_ids"][0]
     cols = (ids == adapter.image_token_id).nonzero().flatten()
     drop = set(cols[[i for i in range(len(cols)) if i not in set(pre.keep[K - 1])]].tolist())
-    rows = torch.tensor([r for r in range(len(ids)) if r not in drop])
+    rows = torch.tensor([r for r in range(len(ids)) if r not in drop], device=device)
     all_layers = lm.layers
     try:
         lm.layers = all_layers[K:]
@@ -109,7 +109,7 @@ def test_pruned_prefill_equals_truncated_transformers_forward(tiny_llava_dir, sa
             # An explicit all-ones mask: without it transformers reads the gaps in position_ids as the
             # starts of packed sequences and masks across them.
             out = lm(inputs_embeds=hs[rows][None], position_ids=rows[None], use_cache=False,
-                     attention_mask=torch.ones(1, len(rows), dtype=torch.long))
+                     attention_mask=torch.ones(1, len(rows), dtype=torch.long, device=device))
     finally:
         lm.layers = all_layers
         lm.config.num_hidden_layers = len(all_layers)
@@ -117,3 +117,24 @@ def test_pruned_prefill_equals_truncated_transformers_forward(tiny_llava_dir, sa
     # layers K..L-1 and the LM head, the same SDPA modules with another mask: sums of up to the
     # widths or the sequence in each (measured: equal here)
     assert_fp32_close(pre.logits, ref, decoder_reduction(lm.config, len(ids)), depth=adapter.num_layers - K + 1)
+
+
+@pytest.mark.cuda_only("compares the GPU run with the same model on the CPU")
+def test_the_gpu_gives_the_cpu_answers(tiny_llava_dir, samples, device):
+    """The same checkpoint on the CPU and on the test GPU: the same greedy tokens, first-token
+    logits equal up to fp32 sums in another order (TF32 is off: tests/conftest.py)."""
+    cpu = load_model(tiny_llava_dir, device="cpu")
+    gpu = load_model(tiny_llava_dir, device=device)
+    assert gpu.device == device and all(p.device == device for p in gpu.model.parameters())
+    depth = len(cpu.vision_layers) + 2 + cpu.num_layers + 1  # tower, projector, decoder layers, LM head
+    for s in samples[:3]:
+        xc, xg = cpu.inputs(s.image, s.question), gpu.inputs(s.image, s.question)
+        assert xg["input_ids"].device == device and torch.equal(xc["input_ids"], xg["input_ids"].cpu())
+        on_cpu = generate(cpu, xc["input_ids"], xc["pixel_values"], Method(), max_new_tokens=12)
+        on_gpu = generate(gpu, xg["input_ids"], xg["pixel_values"], Method(), max_new_tokens=12)
+        assert on_gpu.tokens == on_cpu.tokens, s.uid
+        pc = prefill(cpu, xc["input_ids"], xc["pixel_values"], Method())
+        pg = prefill(gpu, xg["input_ids"], xg["pixel_values"], Method())
+        assert pg.logits.device == device
+        assert_fp32_close(pg.logits.cpu(), pc.logits,
+                          decoder_reduction(cpu.language_model.config, xc["input_ids"].shape[1]), depth=depth)

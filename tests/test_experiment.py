@@ -104,7 +104,7 @@ def test_bad_files_fail_with_one_clear_line_and_create_no_run(tiny_llava_dir, tm
     assert not db.exists()
 
 
-def test_ssd_cells_run_and_report_acceptance(tiny_llava_dir, tmp_path):
+def test_ssd_cells_run_and_report_acceptance(tiny_llava_dir, tmp_path, device):
     """A decoding choice next to any method: same tokens as greedy, plus SSD's counters."""
     from harness.data import load_samples
     from harness.experiment import Cell
@@ -112,7 +112,7 @@ def test_ssd_cells_run_and_report_acceptance(tiny_llava_dir, tmp_path):
     from harness.cell import run_cell
     from methods.twigvlm.twig import Twig, save_twig
 
-    adapter = load_model(tiny_llava_dir)
+    adapter = load_model(tiny_llava_dir, device=device)
     save_twig(Twig.grow(adapter.model, 1, 2, "copy"), tmp_path / "twig", {"init": "copy"})
     ssd = {"name": "ssd", "twig": str(tmp_path / "twig"), "delta": 3, "theta": 0.0}
     samples = load_samples("shapes", "val", 1)

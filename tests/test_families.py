@@ -35,9 +35,9 @@ def method_for(adapter, name, budget=None, **settings):
     return m
 
 
-def test_shape_is_known_before_loading_and_matches_the_prompt(family_dir):
+def test_shape_is_known_before_loading_and_matches_the_prompt(family_dir, device):
     family, path = family_dir
-    adapter = load_model(path)
+    adapter = load_model(path, device=device)
     assert adapter.family == family
     s = syn.make_sample("val", 0)
     x = adapter.inputs(s.image, s.question)
@@ -46,9 +46,9 @@ def test_shape_is_known_before_loading_and_matches_the_prompt(family_dir):
     assert adapter.num_visual == {"llava-next": 300, "video-llava": 4 * 145}[family]
 
 
-def test_engine_matches_the_models_own_forward(family_dir):
+def test_engine_matches_the_models_own_forward(family_dir, device):
     _, path = family_dir
-    adapter = load_model(path)
+    adapter = load_model(path, device=device)
     base = method_for(adapter, "baseline")
     for i in range(3):
         s = syn.make_sample("val", i)
@@ -66,9 +66,9 @@ def test_engine_matches_the_models_own_forward(family_dir):
         assert rec.tokens == hf[0, x["input_ids"].shape[1]:].tolist()[: len(rec.tokens)]
 
 
-def test_tower_token_index_and_grids_point_at_the_right_visual_tokens(family_dir):
+def test_tower_token_index_and_grids_point_at_the_right_visual_tokens(family_dir, device):
     family, path = family_dir
-    adapter = load_model(path)
+    adapter = load_model(path, device=device)
     s = syn.make_sample("val", 1)
     x = adapter.inputs(s.image, s.question)
     with torch.no_grad():
@@ -97,9 +97,9 @@ def test_tower_token_index_and_grids_point_at_the_right_visual_tokens(family_dir
     ("fastv", {"K": 1}), ("sparsevlm", {}), ("visionzip", {}), ("random", {}), ("random", {"K": 1}),
     ("pool", {}), ("oracle", {}), ("twigvlm", None),
 ])
-def test_every_method_runs_and_keeps_what_it_promises(family_dir, tmp_path_factory, name, settings):
+def test_every_method_runs_and_keeps_what_it_promises(family_dir, tmp_path_factory, name, settings, device):
     family, path = family_dir
-    adapter = load_model(path)
+    adapter = load_model(path, device=device)
     if settings is None:  # a twig grown on this model, saved and loaded like a trained one
         d = tmp_path_factory.mktemp("twig")
         save_twig(Twig.grow(adapter.model, 1, 1, "copy"), d, {"init": "copy"})
@@ -132,9 +132,9 @@ def test_every_method_runs_and_keeps_what_it_promises(family_dir, tmp_path_facto
                 assert min(ids) >= 0
 
 
-def test_self_speculative_decoding_is_lossless_on_both_families(family_dir, tmp_path_factory):
+def test_self_speculative_decoding_is_lossless_on_both_families(family_dir, tmp_path_factory, device):
     _, path = family_dir
-    adapter = load_model(path)
+    adapter = load_model(path, device=device)
     twig = Twig.grow(adapter.model, 1, 2, "copy")
     for name, budget, settings in (("baseline", None, {}), ("fastv", 0.6, {"K": 1})):
         method = method_for(adapter, name, budget, **settings)

@@ -202,7 +202,7 @@ def test_a_real_task_without_its_data_stops_before_any_run(tmp_path, capsys):
     assert "lmms-eval task 'no_such_task' not found" in capsys.readouterr().err
 
 
-def test_loglikelihood_is_the_continuations_nll_after_the_prompt(tiny_llava_dir):
+def test_loglikelihood_is_the_continuations_nll_after_the_prompt(tiny_llava_dir, device):
     """Baseline: the NLL of the continuation teacher-forced through the engine's cache equals the
     one of a plain transformers forward over prompt + continuation (fp32 sums in another order)."""
     pytest.importorskip("lmms_eval")
@@ -214,7 +214,8 @@ def test_loglikelihood_is_the_continuations_nll_after_the_prompt(tiny_llava_dir)
     from harness.lmms.model import TwigbenchLMM
     from tests.numerics import decoder_reduction, fp32_atol
 
-    m = TwigbenchLMM(pretrained=tiny_llava_dir)
+    m = TwigbenchLMM(pretrained=tiny_llava_dir)  # loaded on the test device ($TWIGBENCH_DEVICE)
+    assert m.adapter.device == device
     image = make_sample("test", 0).image
     m.task_dict = {"t": {"test": [{"id": 0}]}}
     req = SimpleNamespace(args=("What is in the image?", " a red circle", lambda doc: [image], 0, "t", "test"))
@@ -222,7 +223,7 @@ def test_loglikelihood_is_the_continuations_nll_after_the_prompt(tiny_llava_dir)
     nll, greedy = res.text
     x = m.adapter.inputs(image, "What is in the image?")
     full = m.adapter.processor(images=image, text=m.adapter.prompt("What is in the image?") + " a red circle",
-                               return_tensors="pt")["input_ids"]  # tokenized together, as the model reads it
+                               return_tensors="pt")["input_ids"].to(device)  # tokenized together, as the model reads it
     ids = full[0, x["input_ids"].shape[1]:].tolist()
     assert len(ids) >= 3
     with torch.no_grad():

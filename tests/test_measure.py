@@ -21,16 +21,16 @@ def records(times, tokens, scores=None, key="prefill_ms"):
     return out
 
 
-def test_layer_flops_match_torch_flop_counter_on_a_real_decoder_layer(tiny_llava_dir):
+def test_layer_flops_match_torch_flop_counter_on_a_real_decoder_layer(tiny_llava_dir, device):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, attn_implementation="eager")
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, attn_implementation="eager").to(device)
     lm = model.model.language_model
     s = measure.text_shape(model.config)
     for n in (5, 40):
-        x = torch.randn(1, n, s["hidden"])
-        pos = torch.arange(n)[None]
+        x = torch.randn(1, n, s["hidden"], device=device)
+        pos = torch.arange(n, device=device)[None]
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             lm.layers[0](x, attention_mask=None, position_ids=pos, position_embeddings=lm.rotary_emb(x, pos))
         counted = fc.get_total_flops()
@@ -40,16 +40,16 @@ def test_layer_flops_match_torch_flop_counter_on_a_real_decoder_layer(tiny_llava
         assert measure.layer_flops(n, s) - 2 * q * n * (n + 1) == counted - full_attention
 
 
-def test_kv_cache_bytes_match_a_real_cache(tiny_llava_dir):
+def test_kv_cache_bytes_match_a_real_cache(tiny_llava_dir, device):
     from transformers import DynamicCache, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).to(device)
     lm = model.model.language_model
     s = measure.text_shape(model.config)
     cache = DynamicCache()
     n = 23
     with torch.no_grad():
-        lm(inputs_embeds=torch.randn(1, n, s["hidden"]), cache=cache, use_cache=True)
+        lm(inputs_embeds=torch.randn(1, n, s["hidden"], device=device), cache=cache, use_cache=True)
     real = sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in cache.layers) / 2 ** 20
     # n tokens = 3 text + 20 visual in every layer
     assert measure.kv_cache_mb([20.0] * len(lm.layers), 3, s, 4) == pytest.approx(real)
@@ -97,13 +97,13 @@ def test_spread_is_the_range_over_repeats():
     assert m["prefill_ms"] == 11.0 and m["prefill_ms_spread"] == pytest.approx(13.0 - 10.0)
 
 
-def test_paired_timing_times_the_baseline_beside_every_sample(tiny_llava_dir):
+def test_paired_timing_times_the_baseline_beside_every_sample(tiny_llava_dir, device):
     from harness.data import load_samples
     from harness.experiment import Cell
     from harness.models.adapter import load_model
     from harness.cell import run_cell
 
-    adapter = load_model(tiny_llava_dir)
+    adapter = load_model(tiny_llava_dir, device=device)
     samples = load_samples("shapes", "val", 2)
     inputs = [adapter.inputs(s.image, s.question) for s in samples]
     timing = {"warmup": 0, "repeats": 2, "paired": True}
@@ -118,7 +118,7 @@ def test_paired_timing_times_the_baseline_beside_every_sample(tiny_llava_dir):
     assert cell.metrics["prefill_speedup"] == p and cell.params["paired_timing"] is True
 
 
-def test_timing_subset_times_the_first_samples_and_answers_all(tiny_llava_dir):
+def test_timing_subset_times_the_first_samples_and_answers_all(tiny_llava_dir, device):
     """timing.subset: the first N samples are timed (repeats, paired baseline); the others run once
     for their answers, and no timing figure reads them."""
     from harness.cell import run_cell
@@ -126,7 +126,7 @@ def test_timing_subset_times_the_first_samples_and_answers_all(tiny_llava_dir):
     from harness.experiment import Cell
     from harness.models.adapter import load_model
 
-    adapter = load_model(tiny_llava_dir)
+    adapter = load_model(tiny_llava_dir, device=device)
     samples = load_samples("shapes", "val", 1)  # 6 samples
     inputs = [adapter.inputs(s.image, s.question) for s in samples]
     timing = {"warmup": 0, "repeats": 2, "paired": True, "subset": 4}
@@ -143,3 +143,18 @@ def test_timing_subset_times_the_first_samples_and_answers_all(tiny_llava_dir):
     assert cell.metrics["prefill_ms"] == measure.timing_metrics(first)["prefill_ms"]
     diff = measure.accuracy_diff(cell.records, base.records)  # every sample's answer counts
     assert cell.metrics["accuracy_diff"] == diff[0]
+
+
+@pytest.mark.cuda_only("GPU memory is what a cell on a GPU reports")
+def test_a_cell_on_the_gpu_reports_its_peak_gpu_memory(tiny_llava_dir, device):
+    from harness.cell import run_cell
+    from harness.data import load_samples
+    from harness.experiment import Cell
+    from harness.models.adapter import load_model
+
+    adapter = load_model(tiny_llava_dir, device=device)
+    samples = load_samples("shapes", "val", 1)
+    inputs = [adapter.inputs(s.image, s.question) for s in samples]
+    res = run_cell(adapter, Cell("baseline", {}, None), samples, inputs, 3, 0, repeats=1)
+    weights_mb = sum(p.numel() * p.element_size() for p in adapter.model.parameters()) / 2 ** 20
+    assert res.metrics["peak_gpu_allocated_mb"] >= weights_mb and "peak_rss_mb" not in res.metrics

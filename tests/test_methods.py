@@ -48,8 +48,8 @@ def test_errors_name_the_bad_value_and_what_is_allowed():
     assert {"baseline", "fastv", "random", "oracle"} <= set(REGISTRY)
 
 
-def test_random_is_seeded_per_sample_and_oracle_keeps_the_question_patches(tiny_llava_dir):
-    adapter = load_model(tiny_llava_dir)
+def test_random_is_seeded_per_sample_and_oracle_keeps_the_question_patches(tiny_llava_dir, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     shape = ModelShape(adapter.num_layers, adapter.num_visual)
     s = syn.make_sample("val", 0)  # an attribute question about one object
     x = adapter.inputs(s.image, s.question)
@@ -74,8 +74,8 @@ def test_oracle_grid_mapping_covers_a_finer_model_grid():
     assert fine[2, 0] == 12
 
 
-def test_blind_removes_every_visual_token(tiny_llava_dir):
-    adapter = load_model(tiny_llava_dir)
+def test_blind_removes_every_visual_token(tiny_llava_dir, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     s = syn.make_sample("val", 1)
     x = adapter.inputs(s.image, s.question)
     rec = generate(adapter, x["input_ids"], x["pixel_values"], build_method("blind"), 4, sample=s)

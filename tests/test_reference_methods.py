@@ -73,8 +73,8 @@ def naive_visionzip(adapter, x, dominant, contextual, prefer=()):
 
 
 @pytest.mark.parametrize("budget", [16, 40])
-def test_visionzip_builds_what_the_naive_reference_builds(tiny_llava_dir, samples, budget):
-    adapter = load_model(tiny_llava_dir, attn_implementation="eager")
+def test_visionzip_builds_what_the_naive_reference_builds(tiny_llava_dir, samples, budget, device):
+    adapter = load_model(tiny_llava_dir, attn_implementation="eager", device=device)
     method = configured(adapter, "visionzip", budget)
     for s in samples[:3]:
         x = adapter.inputs(s.image, s.question)
@@ -98,8 +98,8 @@ def test_visionzip_splits_follow_the_official_ratio():
 
 # ------------------------------------------------------------------------------ pool
 
-def test_pool_averages_each_grid_cell(tiny_llava_dir, samples):
-    adapter = load_model(tiny_llava_dir)
+def test_pool_averages_each_grid_cell(tiny_llava_dir, samples, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     side = math.isqrt(adapter.num_visual)
     s = samples[0]
     x = adapter.inputs(s.image, s.question)
@@ -169,8 +169,8 @@ def naive_sparsevlm(adapter, x, layers, schedule, ours):
     try:
         for li, layer in enumerate(lm.layers):
             n = hidden.shape[1]
-            mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
-            p = torch.tensor(pos)[None]
+            mask = torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)[None, None]
+            p = torch.tensor(pos, device=hidden.device)[None]
             with torch.no_grad():
                 hidden = layer(hidden, attention_mask=mask, position_ids=p,
                                position_embeddings=lm.rotary_emb(hidden, p))
@@ -211,9 +211,9 @@ def naive_sparsevlm(adapter, x, layers, schedule, ours):
 
 
 @pytest.mark.parametrize("budget", [0.6, 0.85])
-def test_sparsevlm_selects_and_recycles_what_the_naive_reference_does(tiny_llava_dir, samples, budget):
-    engine = load_model(tiny_llava_dir)  # SDPA + the attention probe
-    eager = load_model(tiny_llava_dir, attn_implementation="eager")
+def test_sparsevlm_selects_and_recycles_what_the_naive_reference_does(tiny_llava_dir, samples, budget, device):
+    engine = load_model(tiny_llava_dir, device=device)  # SDPA + the attention probe
+    eager = load_model(tiny_llava_dir, attn_implementation="eager", device=device)
     method = configured(engine, "sparsevlm", budget)
     layers, schedule = list(method.prune_layers), list(method.schedule)
     assert layers == [0, 1, 2]  # scaled to 4 layers
@@ -246,8 +246,8 @@ def test_sparsevlm_official_schedules_and_token_accounting():
 # ------------------------------------------------------------------------------ keep everything
 
 @pytest.mark.parametrize("name", ["pool", "visionzip", "sparsevlm"])
-def test_keep_everything_reproduces_the_baseline(tiny_llava_dir, samples, name):
-    adapter = load_model(tiny_llava_dir)
+def test_keep_everything_reproduces_the_baseline(tiny_llava_dir, samples, name, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     method = configured(adapter, name, 0.0)
     for s in samples[:2]:
         x = adapter.inputs(s.image, s.question)

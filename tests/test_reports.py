@@ -62,6 +62,7 @@ EQ = {"sparsevlm@48": 56.4}  # measured equal-token averages off the budget
 
 def record_sweep(uri: str, experiment: str = "rep", model: str = "embedded", dataset: str = "shapes",
                  num_visual: int = 144, cells=CELLS, ok: bool = True) -> str:
+    pytest.importorskip("mlflow", reason="MLflow is not installed here")
     store = SweepStore(uri, experiment)
     store.open("h" + experiment, f"sweep-{experiment}", {"cells": len(cells)}, {"device": "cpu (test)",
                "git_commit": "abc123"}, "experiment: x\n",

@@ -11,8 +11,8 @@ from methods.twigvlm.twig import Twig, save_twig
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_llava_dir, tmp_path_factory):
-    adapter = load_model(tiny_llava_dir)
+def setup(tiny_llava_dir, tmp_path_factory, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     twig = Twig.grow(adapter.model, K=1, T=2, init="copy").eval()
     d = tmp_path_factory.mktemp("twig-ssd")
     save_twig(twig, d, {"init": "copy"})
@@ -72,13 +72,13 @@ def test_cache_lengths_after_every_round(setup, samples):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,budget,settings", [
     ("twigvlm", 0.889, {}), ("fastv", 0.889, {"K": 1}), ("baseline", None, {})])
-def test_ssd_is_lossless_on_the_embedded_test_split(name, budget, settings):
+def test_ssd_is_lossless_on_the_embedded_test_split(name, budget, settings, device):
     """The shipped model and twig, fp32, every question type: SSD's tokens are greedy's."""
     from harness.data import load_samples
     from methods.twigvlm.ttp import EMBEDDED_TWIG
     from methods.twigvlm.twig import load_twig
 
-    adapter = load_model("embedded")
+    adapter = load_model("embedded", device=device)
     m = method(adapter, name, budget, **settings)
     twig = m.twig if name == "twigvlm" else load_twig(EMBEDDED_TWIG, adapter.model)
     accepted, long_forwards, long_tokens = 0, 0, 0

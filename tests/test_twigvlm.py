@@ -14,9 +14,9 @@ from numerics import decoder_reduction, fp32_atol, topk_like
 
 
 @pytest.fixture(scope="module")
-def tiny_twig(tiny_llava_dir, tmp_path_factory):
+def tiny_twig(tiny_llava_dir, tmp_path_factory, device):
     """A twig grown on the tiny model after layer K=1 (T=2), initialised by copy, saved."""
-    adapter = load_model(tiny_llava_dir)
+    adapter = load_model(tiny_llava_dir, device=device)
     twig = Twig.grow(adapter.model, K=1, T=2, init="copy")
     d = tmp_path_factory.mktemp("twig")
     save_twig(twig, d, {"init": "copy"})
@@ -30,8 +30,8 @@ def configured(adapter, budget, **settings):
     return m
 
 
-def test_twig_inits_and_the_released_layout(tiny_llava_dir, tmp_path):
-    adapter = load_model(tiny_llava_dir)
+def test_twig_inits_and_the_released_layout(tiny_llava_dir, tmp_path, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     lm = adapter.language_model
     copy = Twig.grow(adapter.model, 1, 2, "copy")
     last = Twig.grow(adapter.model, 1, 2, "last")
@@ -63,12 +63,12 @@ def test_ttp_budget_formula_matches_the_paper(tiny_twig):
         build_method("twigvlm", 64, twig="/nonexistent/twig")
 
 
-def test_ttp_keeps_what_a_naive_twig_reference_keeps(tiny_llava_dir, samples, tiny_twig):
+def test_ttp_keeps_what_a_naive_twig_reference_keeps(tiny_llava_dir, samples, tiny_twig, device):
     """Naive TTP: transformers' eager forward gives the hidden states entering layer K; the twig's
     layers run on them with eager attention (weights captured by a hook); last layer, last row,
     head mean, image columns, top-R."""
-    engine = load_model(tiny_llava_dir)
-    eager = load_model(tiny_llava_dir, attn_implementation="eager")
+    engine = load_model(tiny_llava_dir, device=device)
+    eager = load_model(tiny_llava_dir, attn_implementation="eager", device=device)
     method = configured(engine, 0.6, twig=tiny_twig, final_wipe=None)
     naive_twig = load_twig(tiny_twig, eager.model)
     for layer in naive_twig.layers:
@@ -79,8 +79,8 @@ def test_ttp_keeps_what_a_naive_twig_reference_keeps(tiny_llava_dir, samples, ti
         with torch.no_grad():
             h = eager.model(**x, output_hidden_states=True).hidden_states[K]
             n = h.shape[1]
-            mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
-            pos = torch.arange(n)[None]
+            mask = torch.full((n, n), torch.finfo(h.dtype).min, device=h.device).triu(1)[None, None]
+            pos = torch.arange(n, device=h.device)[None]
             pe = eager.language_model.rotary_emb(h, pos)
             seen = {}
             hook = naive_twig.layers[-1].self_attn.register_forward_hook(lambda m, i, o: seen.update(w=o[1]))
@@ -96,8 +96,8 @@ def test_ttp_keeps_what_a_naive_twig_reference_keeps(tiny_llava_dir, samples, ti
         assert pre.visual_per_layer == [engine.num_visual] * K + [method.keep_n] * (engine.num_layers - K)
 
 
-def test_ttp_keep_everything_without_finalwipe_is_the_baseline(tiny_llava_dir, samples, tiny_twig):
-    adapter = load_model(tiny_llava_dir)
+def test_ttp_keep_everything_without_finalwipe_is_the_baseline(tiny_llava_dir, samples, tiny_twig, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     method = configured(adapter, 0.0, twig=tiny_twig, final_wipe=None)
     for s in samples[:2]:
         x = adapter.inputs(s.image, s.question)
@@ -106,8 +106,8 @@ def test_ttp_keep_everything_without_finalwipe_is_the_baseline(tiny_llava_dir, s
         assert ours.tokens == base.tokens
 
 
-def test_finalwipe_drops_every_visual_token_at_its_layer(tiny_llava_dir, samples, tiny_twig):
-    adapter = load_model(tiny_llava_dir)
+def test_finalwipe_drops_every_visual_token_at_its_layer(tiny_llava_dir, samples, tiny_twig, device):
+    adapter = load_model(tiny_llava_dir, device=device)
     method = configured(adapter, 0.5, twig=tiny_twig, final_wipe=3)
     s = samples[0]
     x = adapter.inputs(s.image, s.question)
@@ -119,10 +119,10 @@ def test_finalwipe_drops_every_visual_token_at_its_layer(tiny_llava_dir, samples
 
 
 @pytest.mark.parametrize("j", [1, 2])
-def test_ttp_backbone_score_source_is_that_layers_last_row(tiny_llava_dir, samples, tiny_twig, j):
+def test_ttp_backbone_score_source_is_that_layers_last_row(tiny_llava_dir, samples, tiny_twig, j, device):
     """Score-source ablation: backbone layer j's attention on the unpruned prompt (eager reference)."""
-    engine = load_model(tiny_llava_dir)
-    eager = load_model(tiny_llava_dir, attn_implementation="eager")
+    engine = load_model(tiny_llava_dir, device=device)
+    eager = load_model(tiny_llava_dir, attn_implementation="eager", device=device)
     method = configured(engine, 0.6, twig=tiny_twig, final_wipe=None, score_layer=j)
     s = samples[2]
     x = engine.inputs(s.image, s.question)
@@ -137,7 +137,7 @@ def test_ttp_backbone_score_source_is_that_layers_last_row(tiny_llava_dir, sampl
     assert method.params()["score_source"] == f"backbone layer {j}"
 
 
-def test_train_twig_learns_only_the_twig_and_resumes(tiny_llava_dir, tmp_path):
+def test_train_twig_learns_only_the_twig_and_resumes(tiny_llava_dir, tmp_path, device):
     """Two steps on the synthetic train split, then on LLaVA-format JSON data; the backbone stays
     frozen, the twig's weights move, the result loads as a twig and an interrupted run resumes."""
     from PIL import Image
@@ -148,7 +148,7 @@ def test_train_twig_learns_only_the_twig_and_resumes(tiny_llava_dir, tmp_path):
     out = tmp_path / "twig"
     train_twig.main(["--model", tiny_llava_dir, "--K", "1", "--T", "2", "--steps", "2", "--batch", "2",
                      "--lr", "1e-2", "--ckpt-every", "1", "--out", str(out)])
-    adapter = load_model(tiny_llava_dir)
+    adapter = load_model(tiny_llava_dir, device=device)
     trained = load_twig(out, adapter.model)
     grown = Twig.grow(adapter.model, 1, 2, "copy")
     assert trained.K == 1 and trained.T == 2

@@ -104,8 +104,7 @@ def kernel_ms(fn, device) -> float:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         sync(device)
-    us = sum(getattr(e, "device_time", 0.0) or 0.0 for e in prof.events()
-             if getattr(e, "device_type", None) == DeviceType.CUDA)
+    us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
     return us / 1e3
 
 

@@ -284,10 +284,13 @@ def regime(adapter):
 
 
 def set_regime(adapter, name: str) -> None:
-    """Choose the engine regime of an adapter ('eager' | 'graphs'); graphs state is kept per model."""
+    """Choose the engine regime of an adapter ('eager' | 'graphs'). The graphs state (buffers,
+    captured graphs) stays with the model across switches: cells of either regime can alternate."""
     if name not in REGIMES:
         raise ValueError(f"engine {name!r} is not a regime; allowed: {', '.join(REGIMES)}")
     if name == "eager":
         adapter.engine = None
-    elif not isinstance(getattr(adapter, "engine", None), Graphs):
-        adapter.engine = Graphs(adapter.device)
+        return
+    if not isinstance(getattr(adapter, "graphs_state", None), Graphs):
+        adapter.graphs_state = Graphs(adapter.device)
+    adapter.engine = adapter.graphs_state

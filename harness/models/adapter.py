@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,18 @@ from harness.models.embedded import EMBEDDED_DIR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+DEVICE_ENV = "TWIGBENCH_DEVICE"  # where models go when no device is named (the tests' --device sets it)
 
 
 class ModelError(ValueError):
     """A model path, dtype or attention implementation the harness cannot use."""
+
+
+def default_device() -> str:
+    """The device `load_model` uses when none is named: $TWIGBENCH_DEVICE where it is set (the test
+    suite's --device sets it, so sweeps, tools and subprocesses follow the suite), else "cuda" where
+    torch sees a GPU, else "cpu"."""
+    return os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_model_path(path: str, checkpoint: str | None = None) -> Path:
@@ -439,7 +448,7 @@ def load_model(path: str = "embedded", dtype: str = "float32", attn_implementati
     family = family_of(read_config(p).get("model_type"))
     cls = {"llava": "LlavaForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration",
            "video-llava": "VideoLlavaForConditionalGeneration"}[family]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     model = getattr(transformers, cls).from_pretrained(
         p, dtype=DTYPES[dtype], attn_implementation=attn_implementation).to(device).eval()
     return ADAPTERS[family](model, load_processor(p, family), path, dtype, attn_implementation)

@@ -49,14 +49,15 @@ class Twig(nn.Module):
         L = len(lm.layers)
         if K + T > L and init == "copy":
             raise TwigError(f"twig: K={K} + T={T} exceeds the model's {L} layers")
-        twig = cls(lm.config, K, T).to(lm.norm.weight.dtype)
+        # on the model's device and in its dtype, as load_twig makes it (the weights are copied below)
+        twig = cls(lm.config, K, T).to(device=lm.norm.weight.device, dtype=lm.norm.weight.dtype)
         if init == "random":
             g = torch.Generator().manual_seed(seed)
             std = getattr(lm.config, "initializer_range", 0.02)
             with torch.no_grad():
                 for name, p in twig.layers.named_parameters():
                     if p.dim() >= 2:
-                        p.copy_(torch.randn(p.shape, generator=g) * std)
+                        p.copy_(torch.randn(p.shape, generator=g) * std)  # CPU generator: same on every device
                     else:
                         p.fill_(1.0)  # RMSNorm weights
         else:
