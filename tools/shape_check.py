@@ -286,7 +286,7 @@ def round_rows(adapter: ModelAdapter, x: dict, sample, twig, delta: int, reps: i
 
 def run(shape: str = "llava-1.5-7b", budgets=(192, 128, 64), samples: int = 8, repeats: int = 3,
         dtype: str = "float16", device: str | None = None, new_tokens: int = 64, engines=REGIMES,
-        decode: bool = False) -> list[dict]:
+        decode: bool = False, profile_decode: bool = False) -> list[dict]:
     """Table 1 (prefill) per regime; with `decode`, tables 2 and 3 too. Returns table 1's rows
     (and, with `decode`, attaches the other tables as run.last)."""
     from methods.twigvlm.twig import Twig, save_twig
@@ -315,6 +315,11 @@ def run(shape: str = "llava-1.5-7b", budgets=(192, 128, 64), samples: int = 8, r
                   f"{r['gflops']:7.4g} {r['prefill_ms']:8.2f} {r['kernel_ms']:9.2f} "
                   f"{r['prefill_ms'] / r['kernel_ms']:9.2f} {r['speedup']:7.2f}x {r['flop_ratio']:6.2f}x "
                   f"{r['bound_ms']:8.2f} {100 * r['roofline_fraction']:7.1f}%")
+    eng = getattr(adapter, "graphs_state", None)
+    if eng is not None:
+        print(f"graphs regime: {eng.captures} graphs captured, {eng.replays} replays; elementwise fusion "
+              f"(torch.compile of the norms, MLP and rotary function) {'on' if eng.fuse else 'off'}"
+              + (f" ({eng.fuse_error})" if eng.fuse_error else ""))
     run.last = {"prefill": table1}
     if decode:
         twig = rows[2][2].twig
@@ -340,7 +345,32 @@ def run(shape: str = "llava-1.5-7b", budgets=(192, 128, 64), samples: int = 8, r
                   f"{r['bound_draft_over_full']:7.3f}/{r['bound_verify_over_full']:.3f} "
                   f"{r['speedup_bound_paper']:7.2f}x {r.get('speedup_bound_measured', float('nan')):7.2f}x")
         run.last.update(decode=dec, round=rnd)
+        if profile_decode:
+            profile_steps(adapter, inputs[0], data[0])
     return table1
+
+
+def profile_steps(adapter: ModelAdapter, x: dict, sample, steps: int = 6) -> None:
+    """Where the eager regime's decode time goes, beside HF generate()'s: host (CPU) time per op
+    over `steps` greedy steps after the prefill (profiler; wall figures inflated by it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_regime(adapter, "eager")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if adapter.device.type == "cuda" else [])
+    with torch.no_grad():
+        pre = prefill(adapter, x["input_ids"], x["pixel_values"], build_method("baseline"), sample, reserve=steps + 1)
+        tok, pos = int(pre.logits.argmax()), pre.prompt_len
+        with profile(activities=acts) as p:
+            for _ in range(steps):
+                tok = int(decode_step(adapter, tok, pos, pre.cache).argmax())
+                pos += 1
+        print(f"\nengine eager, {steps} decode steps: top host ops")
+        print(p.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=48))
+        kw = dict(input_ids=x["input_ids"], pixel_values=x["pixel_values"], do_sample=False)
+        with profile(activities=acts) as p:
+            adapter.model.generate(max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
+        print(f"HF generate(), prefill + {steps} decode steps: top host ops")
+        print(p.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=48))
 
 
 def main(argv=None):
@@ -352,6 +382,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--engines", nargs="+", default=list(REGIMES), choices=REGIMES)
     ap.add_argument("--no-decode", action="store_true", help="the prefill table only")
+    ap.add_argument("--profile-decode", action="store_true",
+                    help="also profile the eager regime's decode steps beside HF generate() (host time per op)")
     ap.add_argument("--dtype", default=None, help="default: float16 on GPU, float32 on CPU")
     a = ap.parse_args(argv)
     dtype = a.dtype or ("float16" if torch.cuda.is_available() else "float32")
@@ -360,7 +392,7 @@ def main(argv=None):
         a.tiny = True
     shape, budgets = ("tiny", a.budgets or (96, 72, 48)) if a.tiny else ("llava-1.5-7b", a.budgets or (192, 128, 64))
     run(shape, budgets, a.samples, a.repeats, dtype, new_tokens=a.new_tokens, engines=a.engines,
-        decode=not a.no_decode)
+        decode=not a.no_decode, profile_decode=a.profile_decode)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ and the same code runs eagerly, which is how its tokens are checked against the 
 """
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,7 @@ from harness.layers import additive_causal_mask
 REGIMES = ("eager", "graphs")
 ROUND_CAPACITY = 64  # cache buffers are sized in multiples of this (fewer distinct graph shapes)
 ROUND_ROWS = 16  # fresh (prompt) segments are padded to a multiple of this
+FUSE_ENV = "TWIGBENCH_GRAPHS_FUSE"  # "0": capture the modules' own forwards uncompiled
 
 
 def _round_up(n: int, m: int) -> int:
@@ -149,9 +153,12 @@ class Graphs:
     captured graphs, and counters (captures, replays) for the record."""
     name = "graphs"
 
-    def __init__(self, device: torch.device, capture: bool | None = None):
+    def __init__(self, device: torch.device, capture: bool | None = None, fuse: bool | None = None):
         self.device = torch.device(device)
         self.capture = self.device.type == "cuda" if capture is None else capture
+        self.fuse = (self.capture and os.environ.get(FUSE_ENV, "1") != "0") if fuse is None else fuse
+        self.fuse_error: str | None = None  # why fusion was switched off, if it failed
+        self._compiled: dict = {}
         self.arange = torch.arange(1 << 16, device=self.device)
         self._pool: dict = {}
         self._starts: dict = {}
@@ -201,6 +208,12 @@ class Graphs:
             cache.ensure(i, layer, cache.get_seq_length(i) + q)
         key = (cache.name, idxs[0], idxs[-1], fresh, q, tokens is not None, want_last_input,
                n if head is not None else None, tuple(cache.layers[i].capacity for i in idxs))
+        # layers whose cache holds as many entries in a buffer of the same size share one mask
+        # (their offsets advance together for as long as this graph is replayed: part of its key)
+        groups = {}
+        mask_of = [groups.setdefault((cache.layers[i].capacity, cache.get_seq_length(i)), i) for i in idxs]
+        key = key + (tuple(mask_of),)
+
         g = self._graphs.get(key)
         if g is None:
             dev = self.device
@@ -228,14 +241,18 @@ class Graphs:
             cache.fresh = fresh
             h = embed(g.tokens) if tokens is not None else g.hidden
             cos, sin = rotary(h, g.positions[None])
-            last_in = None
-            for i, layer in zip(idxs, layers):
+            last_in, masks = None, {}
+            for i, layer, m in zip(idxs, layers, mask_of):
                 if fresh:
-                    mask = None if implicit_causal else additive_causal_mask(q, q, h.dtype, h.device)
+                    mask = None if implicit_causal else masks.get(0)
+                    if mask is None and not implicit_causal:
+                        mask = masks[0] = additive_causal_mask(q, q, h.dtype, h.device)
+                elif m in masks:
+                    mask = masks[m]
                 else:
-                    cap = cache.layers[i].capacity
-                    allowed = self.arange[None, :cap] <= (cache.starts[i] + self.arange[:q])[:, None]
-                    mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
+                    cap = cache.layers[m].capacity
+                    allowed = self.arange[None, :cap] <= (cache.starts[m] + self.arange[:q])[:, None]
+                    mask = masks[m] = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
                         ~allowed, torch.finfo(h.dtype).min)[None, None]
                 last_in = h
                 h = layer(h, attention_mask=mask, position_ids=g.positions[None], position_embeddings=(cos, sin),
@@ -246,7 +263,7 @@ class Graphs:
             out = body()
         else:
             if g.graph is None:
-                self._capture(g, body)
+                self._capture(g, body, layers)
                 self._graphs[key] = g
             g.graph.replay()
             self.replays += 1
@@ -264,18 +281,66 @@ class Graphs:
             cache.starts[idxs[0]:idxs[-1] + 1].add_(n)
         return h, last_in, logits
 
-    def _capture(self, g: _Graph, body) -> None:
+    def _capture(self, g: _Graph, body, layers) -> None:
         """Warm up on a side stream (the body is idempotent: it writes the same cache entries it
-        would write anyway), then capture it."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            body()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph):
-            g.out = body()
+        would write anyway), then capture it; with fusion, the layers' elementwise modules run
+        compiled while this happens (replays then run the fused kernels), and a failure to compile
+        switches fusion off for good (`fuse_error` says why) and captures the plain modules."""
+        for attempt in ("fused", "plain") if self.fuse else ("plain",):
+            try:
+                with self.fused(layers) if attempt == "fused" else _nothing():
+                    stream = torch.cuda.Stream(self.device)
+                    stream.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(stream):
+                        body()
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+                    g.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g.graph):
+                        g.out = body()
+                break
+            except Exception as e:  # noqa: BLE001 (compilation can fail in many ways; plain capture still works)
+                if attempt == "plain":
+                    raise
+                self.fuse, self.fuse_error = False, f"{type(e).__name__}: {e}".splitlines()[0]
+                print(f"graphs regime: fusion switched off ({self.fuse_error}); capturing the plain modules",
+                      file=sys.stderr)
         self.captures += 1
+
+    def _compile(self, fn):
+        if fn not in self._compiled:
+            self._compiled[fn] = torch.compile(fn, dynamic=None)
+        return self._compiled[fn]
+
+    @contextmanager
+    def fused(self, layers):
+        """While a pass is captured: each layer's RMS norms and MLP run their own forward compiled
+        (torch.compile: the same operations, the elementwise ones fused into a few kernels), and so
+        does the family's rotary function; the attention core, projections and weights are the
+        model's. Restored afterwards (the eager regime never sees it)."""
+        patched, modules = [], []
+        for layer in layers:
+            for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+                mod = getattr(layer, name, None)
+                if mod is not None:
+                    fn = self._compile(type(mod).forward)
+                    mod.forward = (lambda f, m: lambda *a, **k: f(m, *a, **k))(fn, mod)
+                    modules.append(mod)
+            family = sys.modules[type(layer.self_attn).__module__]
+            if hasattr(family, "apply_rotary_pos_emb") and family not in [p[0] for p in patched]:
+                patched.append((family, family.apply_rotary_pos_emb))
+                family.apply_rotary_pos_emb = self._compile(family.apply_rotary_pos_emb)
+        try:
+            yield
+        finally:
+            for mod in modules:
+                del mod.forward
+            for family, fn in patched:
+                family.apply_rotary_pos_emb = fn
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def regime(adapter):
