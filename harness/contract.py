@@ -83,6 +83,9 @@ class LayerContext:
     positions: torch.Tensor | None = None  # (S,) position ids of the rows
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary (cos, sin) of the rows
     grids: list[torch.Tensor] | None = None  # the visual tokens' spatial grids (ModelAdapter.grids)
+    # a KV cache for a pass the method runs itself (name, layer count) in the engine's regime
+    # (graphs: static and captured); None: the method makes a DynamicCache
+    new_cache: Callable[[str, int], object] | None = None
 
     @property
     def text_after(self) -> torch.Tensor:

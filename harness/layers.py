@@ -45,8 +45,12 @@ def forward(layers, rows: Rows, cache, implicit_causal: bool,
     """Run `layers` in order over `rows`, appending to `cache` (each layer at its own `layer_idx`).
 
     `after(layer, layer_input)` runs after each layer with `rows.hidden` already that layer's
-    output; it may replace the fields of `rows` (pruning) before the next layer.
+    output; it may replace the fields of `rows` (pruning) before the next layer. A cache that runs
+    passes itself (the graphs regime's static cache: `cache.forward`) takes the whole pass, and
+    `after` then sees the last layer only.
     """
+    if hasattr(cache, "forward"):
+        return cache.forward(layers, rows, implicit_causal, after)
     for layer in layers:
         q = rows.hidden.shape[1]
         mask = causal_mask(q, cache.get_seq_length(layer.self_attn.layer_idx) + q, rows.hidden, implicit_causal)

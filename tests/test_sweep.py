@@ -39,6 +39,9 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
     assert children["tags.cell_hash"].nunique() == 13
     # the closing pass: the baseline timed again after the other cells, drift logged on the parent
     assert parents["metrics.drift_prefill"].iloc[0] > 0 and "timing drift over the sweep" in out
+    # the device's measured peaks on the parent, the default engine regime on every cell
+    assert parents["metrics.peak_tflops_float32"].iloc[0] > 0 and parents["metrics.peak_bandwidth_tb_per_s"].iloc[0] > 0
+    assert (children["params.engine"] == "eager").all()
     art = mlflow.artifacts.download_artifacts(run_id=parents["run_id"].iloc[0], artifact_path="cells.json",
                                               dst_path=str(tmp_path / "cells"))
     cells = json.loads(open(art).read())
@@ -64,6 +67,10 @@ def test_sweep_logs_parent_and_children_and_writes_the_report(tiny_llava_dir, tm
                     "metrics.accuracy_describe", "metrics.accuracy_diff", "metrics.agreement_with_baseline"):
             assert key in r.index and r[key] == r[key], key
         assert r["metrics.repeats"] == 2 and r["metrics.repeat_token_mismatches"] == 0
+        # bound / measured, logged for every cell (a CPU's caches can beat the copy bandwidth the bound
+        # assumes for a model this small, so only finite and positive here; tools.shape_check checks the GPU)
+        for k in ("prefill_roofline_fraction", "decode_roofline_fraction", "roofline_fraction"):
+            assert 0 < r[f"metrics.{k}"] < float("inf"), k
         assert r["metrics.accuracy_diff_ci_low"] <= r["metrics.accuracy_diff"] <= r["metrics.accuracy_diff_ci_high"]
         assert r["metrics.prefill_speedup_ci_low"] <= r["metrics.prefill_speedup_ci_high"]
         # fewer tokens in the decoder: fewer analytic FLOPs and a smaller cache than the baseline's

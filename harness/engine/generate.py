@@ -51,7 +51,14 @@ def new_cache(adapter: ModelAdapter, name: str = "backbone", num_layers: int | N
     eng = regime(adapter)
     if eng is None:
         return DynamicCache(config=adapter.model.config.text_config) if name == "backbone" else DynamicCache()
-    return eng.new_cache(name, num_layers or adapter.num_layers, reserve)
+    return eng.new_cache(name, num_layers or adapter.num_layers, reserve, adapter.rotary)
+
+
+def method_caches(adapter: ModelAdapter, reserve: int):
+    """LayerContext.new_cache for a prefill: static caches in the graphs regime, else None."""
+    if regime(adapter) is None:
+        return None
+    return lambda name, num_layers: new_cache(adapter, name, num_layers, reserve)
 
 
 def host_keep(keep: dict) -> dict:
@@ -128,10 +135,11 @@ class Sequence(Rows):
     select_s: float = 0.0
     grids: list | None = None
     events: list = field(default_factory=list)  # CUDA events at the stage boundaries so far
+    new_cache: object = None  # caches for the method's own passes (graphs regime), see LayerContext
 
     def context(self, layer_idx, attention) -> LayerContext:
         return LayerContext(layer_idx, self.hidden, self.visual_rows, self.patch_ids, attention, self.shape,
-                            self.sample, self.positions, (self.cos, self.sin), self.grids)
+                            self.sample, self.positions, (self.cos, self.sin), self.grids, self.new_cache)
 
 
 def embed_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, vis: Reduced, sample=None) -> Sequence:
@@ -263,6 +271,7 @@ def prefill(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_values: torch.
     with torch.no_grad():
         prompt_len = seq.hidden.shape[1]  # decode positions continue from here, whatever is pruned later
         cache = new_cache(adapter, reserve=reserve)
+        seq.new_cache = method_caches(adapter, reserve)
         run_layers(adapter, seq, method, cache, 0, adapter.num_layers)
         logits = adapter.logits(seq.hidden[:, -1:])[0, -1]
     e2 = mark(device)

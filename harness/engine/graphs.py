@@ -79,8 +79,8 @@ class StaticCache:
     `get_seq_length`, `layers[i].keys/values/crop`). Buffers come from the regime's pool; a new
     cache of the same name reuses them, so only one generation per name may be in flight."""
 
-    def __init__(self, engine: "Graphs", name: str, num_layers: int, reserve: int):
-        self.engine, self.name, self.reserve = engine, name, reserve
+    def __init__(self, engine: "Graphs", name: str, num_layers: int, reserve: int, rotary=None):
+        self.engine, self.name, self.reserve, self.rotary = engine, name, reserve, rotary
         self.layers: list[StaticLayer | None] = [None] * num_layers
         self.starts = engine.starts(name, num_layers)  # device: where the next rows of each layer go
         self.starts.zero_()
@@ -89,6 +89,16 @@ class StaticCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         layer = self.layers[layer_idx]
         return layer.length if layer is not None else 0
+
+    def forward(self, layers, rows, implicit_causal: bool, after=None):
+        """harness.layers.forward over this cache: one pass through the regime; `after` sees the
+        last layer only (with its input), the one point a pass can be looked into."""
+        h, last_in, _ = self.engine.run(layers, self, self.rotary, implicit_causal, hidden=rows.hidden,
+                                        positions=rows.positions, want_last_input=after is not None)
+        rows.hidden = h
+        if after is not None:
+            after(layers[-1], last_in)
+        return rows
 
     def crop_all(self, n: int, first: int = 0, last: int | None = None) -> None:
         """Drop the last n entries of layers first..last-1 (all: SSD rollback), host and device together."""
@@ -184,8 +194,8 @@ class Graphs:
                                torch.zeros(shape, dtype=w.dtype, device=w.device))
         return self._pool[key]
 
-    def new_cache(self, name: str, num_layers: int, reserve: int) -> StaticCache:
-        return StaticCache(self, name, num_layers, reserve)
+    def new_cache(self, name: str, num_layers: int, reserve: int, rotary=None) -> StaticCache:
+        return StaticCache(self, name, num_layers, reserve, rotary)
 
     def reset(self) -> None:
         """Forget captured graphs and buffers (another model, or memory wanted back)."""

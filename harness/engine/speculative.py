@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.contract import DraftModel, Method
-from harness.engine.generate import (Record, Sequence, gpu_ms, host_keep, mark, new_cache, run_layers, start_prompt,
-                                     sync)
+from harness.engine.generate import (Record, Sequence, gpu_ms, host_keep, mark, method_caches, new_cache, run_layers,
+                                     start_prompt, sync)
 from harness.engine.graphs import StaticCache, regime
 from harness.layers import Rows, forward
 from harness.models.adapter import ModelAdapter
@@ -110,13 +110,13 @@ def shallow_prefill(adapter: ModelAdapter, seq: Sequence, method: Method, cache,
 
     run_layers(adapter, seq, method, cache, 0, twig.K, before_prune=keep_shallow)
     shared = method.take_draft_pass(twig)
-    twig_cache = new_cache(adapter, "twig", len(twig.layers), reserve)
     if shared is not None:
-        if isinstance(twig_cache, StaticCache):  # the method's pass ran eagerly: take its entries over
+        twig_cache = shared.cache
+        if regime(adapter) is not None and not isinstance(twig_cache, StaticCache):  # a pass of its own cache
+            twig_cache = new_cache(adapter, "twig", len(twig.layers), reserve)
             twig_cache.load(shared.cache, twig.layers)
-        else:
-            twig_cache = shared.cache
         return twig_cache, twig.logits(shared.hidden[:, -1:])[0, -1]
+    twig_cache = new_cache(adapter, "twig", len(twig.layers), reserve)
     return twig_cache, twig_step(adapter, twig, shallow["rows"].hidden, shallow["rows"].positions, twig_cache)
 
 
@@ -200,6 +200,7 @@ def speculative_generate(adapter: ModelAdapter, input_ids: torch.Tensor, pixel_v
         P = seq.hidden.shape[1]
         reserve = max_new_tokens + delta + 1
         cache = new_cache(adapter, reserve=reserve)
+        seq.new_cache = method_caches(adapter, reserve)
         twig_cache, logits = shallow_prefill(adapter, seq, method, cache, twig, reserve)
         fuse = method.fuses_first_round(K)
         out: list[int] = []

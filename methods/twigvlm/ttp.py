@@ -153,7 +153,7 @@ class TwigTTP(Method):
 
     def select(self, ctx) -> torch.Tensor:
         if ctx.layer == self.K - 1:
-            twig_cache = DynamicCache()
+            twig_cache = ctx.new_cache("twig", len(self.twig.layers)) if ctx.new_cache else DynamicCache()
             scores, out = self.last_row_scores(self.twig.layers, ctx, twig_cache)
             self._draft_pass = DraftPass(twig_cache, out.hidden)
             if self.score_layer is not None:  # ablation: backbone layer j's attention, layers K..j
