@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: help setup test test-fast sweep sweep-full report ui bench bench-compare bench-baseline bench-decode shape-check ablation train-embedded train-twig clean
+.PHONY: help setup test test-fast sweep sweep-full report ui bench bench-compare bench-baseline bench-decode shape-check ablation train-embedded train-neutral train-twig clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -76,6 +76,10 @@ build/twigs/%/twig.safetensors: | $(STAMP)
 	$(BIN)/python -m tools.train_twig --model embedded --lr 5e-4 --steps 600 --out build/twigs/$* \
 		--K $(subst K,,$(word 1,$(subst -, ,$*))) --T $(subst T,,$(word 2,$(subst -, ,$*))) \
 		--init $(word 3,$(subst -, ,$*))
+
+train-neutral: $(STAMP)  ## issue 11's recipe (no token dropout; position gaps, CLS objective, grounding; resumable)
+	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/neutral-embedded
+	@echo "evaluate and install: $(BIN)/python -m tools.publish_embedded build/neutral-embedded/final"
 
 train-embedded: $(STAMP)  ## retrain the embedded model, both stages (resumable; ~3 h on 2 cores)
 	$(BIN)/python -m tools.train_embedded --out build/train-embedded

@@ -1,6 +1,25 @@
 """Train the embedded tiny LLaVA from scratch on the synthetic benchmark's train split.
 
     python -m tools.train_embedded --out build/train-embedded --steps 6000
+    python -m tools.train_embedded --recipe neutral --out build/neutral-embedded   # issue 11's recipe
+
+`--recipe neutral` (the miniature that ranks methods for the reasons real models do) drops every
+token-dropout pattern (no visual dropout, no oracle-like subsets: nothing a method or control
+selects is ever shown in training) and adds, all training-only:
+- position gaps: a fraction of conversations keep every visual token but spread their position
+  ids over a longer range (sorted random positions), the text after the image continuing past it,
+  as a pruned prompt's positions do; no token is removed, so no selection rule is taught;
+- a CLIP-like image-level objective on the tower's last-layer CLS (post-layernorm pooled output:
+  which colours, shapes and letters the image holds), so that the CLS query at the feature layer
+  is trained as in CLIP, through the last layer;
+- a grounding loss: at decoder layer --ground-layer, the state of each question's last token
+  scores the visual tokens (and a "none" slot) through two small projections, with the
+  question's objects' pixels per patch as the target distribution ("none" for a "no" answer or a
+  count of zero; descriptions left out). It ties the words that name an object to its patches,
+  the binding the previous model lacked (it answered where/is there/how many from the image
+  alone);
+- binding question forms weighed up (count, exist, position x2) and every answer turn weighing
+  the same (--turn-mean).
 
 Two stages, both resumable from `<out>/ckpt.pt` (written every --ckpt-every steps; rerun the same
 command after an interruption):
@@ -50,6 +69,84 @@ class AuxHeads(nn.Module):
                    for k, h in self.heads.items())
 
 
+class ImageHead(nn.Module):
+    """CLIP-like image-level target on the tower's pooled CLS: which colours, shapes and letters
+    are present (multi-label)."""
+    LABELS = (*syn.COLORS, *syn.SHAPES, *(f"letter-{c}" for c in syn.LETTERS))
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.head = nn.Linear(dim, len(self.LABELS))
+
+    @classmethod
+    def targets(cls, objects) -> np.ndarray:
+        present = {o.color for o in objects if o.kind == "shape"} | {o.shape for o in objects if o.kind == "shape"}
+        present |= {f"letter-{o.letter}" for o in objects if o.kind == "letter"}
+        return np.array([name in present for name in cls.LABELS], dtype=np.float32)
+
+    def loss(self, pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self.head(pooled).float(), targets)
+
+
+class Grounding(nn.Module):
+    """Training-only: the state of a question's last token at one decoder layer scores the visual
+    tokens and a "none" slot; cross-entropy against where the question's objects are."""
+
+    def __init__(self, dim: int, key_dim: int = 64):
+        super().__init__()
+        self.q, self.k = nn.Linear(dim, key_dim), nn.Linear(dim, key_dim)
+        self.none = nn.Parameter(torch.zeros(key_dim))
+
+    def loss(self, hidden: torch.Tensor, visual_rows: torch.Tensor, queries: torch.Tensor,
+             targets: torch.Tensor) -> torch.Tensor:
+        """hidden (B, S, D); visual_rows (B, M); queries (n, 2) = (batch row, position);
+        targets (n, M + 1) distributions over the visual tokens and none (last)."""
+        if len(queries) == 0:
+            return hidden.new_zeros(())
+        vis = torch.gather(hidden, 1, visual_rows[..., None].expand(-1, -1, hidden.shape[2]))  # (B, M, D)
+        keys = self.k(vis)
+        keys = torch.cat([keys, self.none.expand(keys.shape[0], 1, -1)], dim=1)  # (B, M + 1, kd)
+        q = self.q(hidden[queries[:, 0], queries[:, 1]])  # (n, kd)
+        logits = (keys[queries[:, 0]] @ q[..., None])[..., 0].float() / keys.shape[-1] ** 0.5
+        return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def grounding_target(question: str, answer: str, hits: list[int], objects) -> np.ndarray | None:
+    """Where a question's objects are, as a distribution over the patches and none (last), or
+    None for a question about the whole image (a description)."""
+    if question.startswith("describe"):
+        return None
+    out = np.zeros(syn.NUM_PATCHES + 1, dtype=np.float32)
+    rel = sum((objects[i].patch_pixels for i in hits), np.zeros(syn.NUM_PATCHES, np.float32))
+    if answer == "no" or rel.sum() == 0:
+        out[-1] = 1.0
+    else:
+        out[:-1] = rel / rel.sum()
+    return out
+
+
+def position_gaps(step: int, mask: torch.Tensor, is_image: torch.Tensor, seed: int, p: float,
+                  stretch: float = 2.0) -> torch.Tensor | None:
+    """(B, S) position ids: with probability p a row keeps every visual token but places them at
+    sorted random positions within a range up to `stretch` times longer, the text after continuing
+    past that range; other rows count 0, 1, 2, ... None when p is 0."""
+    if p <= 0:
+        return None
+    g = torch.Generator().manual_seed(seed * 9_000_011 + step)
+    B, S = mask.shape
+    pos = torch.arange(S).expand(B, S).clone()
+    for b in range(B):
+        if float(torch.rand((), generator=g)) >= p:
+            continue
+        rows = is_image[b].nonzero().flatten()
+        m, start = len(rows), int(rows[0])
+        span = m + int(float(torch.rand((), generator=g)) * (stretch - 1) * m)
+        slots = torch.randperm(span, generator=g)[:m].sort().values
+        pos[b, rows] = start + slots
+        pos[b, rows[-1] + 1:] = torch.arange(S - int(rows[-1]) - 1) + start + span
+    return pos
+
+
 def pixels(images) -> torch.Tensor:
     """Same normalisation as the processor (checked against it at start-up)."""
     x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
@@ -61,8 +158,14 @@ def encode_conversation(tok, turns, image_token_id, n_image, turn_mean: bool = F
     """Token ids, labels (answers and their </s> only) and label weights of a multi-turn LLaVA-1.5
     conversation. Weights are 1 per answer token, or 1/len per answer token with `turn_mean`
     (every turn then weighs the same, whether its answer is one word or a description)."""
+    return encode_turns(tok, turns, image_token_id, n_image, turn_mean)[:3]
+
+
+def encode_turns(tok, turns, image_token_id, n_image, turn_mean: bool = False):
+    """encode_conversation, plus the position of each turn's last prompt token (its "ASSISTANT:",
+    whose state predicts the answer's first word)."""
     vocab = tok.get_vocab()
-    ids, labels, weights = [tok.bos_token_id], [-100], [0.0]
+    ids, labels, weights, queries = [tok.bos_token_id], [-100], [0.0], []
 
     def words(text):
         return [vocab[w] for w in text.split()]
@@ -70,10 +173,12 @@ def encode_conversation(tok, turns, image_token_id, n_image, turn_mean: bool = F
     for t, (q, a) in enumerate(turns):
         head = words("USER:") + ([image_token_id] * n_image if t == 0 else []) + words(q + " ASSISTANT:")
         ans = words(a) + [tok.eos_token_id]
-        ids += head + ans
+        ids += head
+        queries.append(len(ids) - 1)
+        ids += ans
         labels += [-100] * len(head) + ans
         weights += [0.0] * len(head) + [1.0 / len(ans) if turn_mean else 1.0] * len(ans)
-    return ids, labels, weights
+    return ids, labels, weights, queries
 
 
 def visual_dropout(step: int, batch: int, num_visual: int, seed: int, p: float = 0.5,
@@ -123,14 +228,21 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
                 keep[b] = object_keep(rel, g)
                 convs[b] = (convs[b][0], turns[:1], objects, relevant[:1])
     images, seqs, labs, wts, patch = [], [], [], [], {k: [] for k in ("color", "shape", "letter")}
-    for image, turns, objects, _ in convs:
-        ids, lab, w = encode_conversation(tok, turns, image_token_id, syn.NUM_PATCHES, turn_mean)
+    image_targets, queries, ground = [], [], []
+    for b, (image, turns, objects, relevant) in enumerate(convs):
+        ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, syn.NUM_PATCHES, turn_mean)
         images.append(image)
         seqs.append(ids)
         labs.append(lab)
         wts.append(w)
         for k, v in syn.patch_labels(objects).items():
             patch[k].append(v)
+        image_targets.append(ImageHead.targets(objects))
+        for (q, a), hits, pos in zip(turns, relevant, qpos):
+            target = grounding_target(q, a, hits, objects)
+            if target is not None:
+                queries.append((b, pos))
+                ground.append(target)
     n = max(map(len, seqs))
     input_ids = torch.full((batch, n), tok.pad_token_id)
     labels = torch.full((batch, n), -100)
@@ -142,20 +254,27 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
         weights[i, :len(w)] = torch.tensor(w)
         mask[i, :len(s)] = 1
     patch = {k: torch.from_numpy(np.stack(v)) for k, v in patch.items()}
+    patch["image"] = torch.from_numpy(np.stack(image_targets))
+    patch["queries"] = torch.tensor(queries, dtype=torch.long).view(-1, 2)
+    patch["ground"] = torch.from_numpy(np.stack(ground)) if ground else torch.zeros(0, syn.NUM_PATCHES + 1)
     return pixels(images), input_ids, labels, weights, mask, patch, keep
 
 
-def vision_features(model, pixel_values):
+def vision_features(model, pixel_values, pooled: bool = False):
+    """The projector's input (feature layer, CLS dropped); with `pooled` also the last layer's
+    post-layernorm CLS (the CLIP-like objective's input)."""
     out = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    return (feats, out.pooler_output) if pooled else feats
 
 
-def lm_loss(model, feats, input_ids, labels, weights, mask, visual_keep=None):
+def lm_loss(model, feats, input_ids, labels, weights, mask, visual_keep=None, positions=None, ground=None):
+    """Next-token loss on the answers; with `ground` = (Grounding, layer, queries, targets) also
+    (lm loss, grounding loss) from that layer's states."""
     image = model.model.multi_modal_projector(feats)
     emb = model.get_input_embeddings()(input_ids)
     is_image = input_ids == model.config.image_token_id
     emb = emb.masked_scatter(is_image.unsqueeze(-1).expand_as(emb), image.to(emb.dtype))
-    positions = None
     if visual_keep is not None:  # drop visual tokens; the rest keep their original positions
         rows = mask.bool().clone()
         rows[is_image] = visual_keep.flatten()  # M image slots per row, in order
@@ -172,13 +291,19 @@ def lm_loss(model, feats, input_ids, labels, weights, mask, visual_keep=None):
             positions[b, :len(idx)], new_mask[b, :len(idx)] = idx, 1
         emb, labels, weights, mask = new_emb, new_labels, new_weights, new_mask
     # (an explicit 2D mask also stops transformers from reading position gaps as packed sequences)
-    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask,
-                                        position_ids=positions).last_hidden_state
+    out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
+                                     output_hidden_states=ground is not None)
+    hidden = out.last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                          reduction="none")
     w = weights[:, 1:].flatten()
-    return (ce * w).sum() / w.sum()
+    lm = (ce * w).sum() / w.sum()
+    if ground is None:
+        return lm
+    head, layer, queries, targets = ground
+    visual_rows = is_image.nonzero()[:, 1].view(is_image.shape[0], -1)  # every row holds all M tokens
+    return lm, head.loss(out.hidden_states[layer + 1], visual_rows, queries, targets)
 
 
 @torch.no_grad()
@@ -189,7 +314,7 @@ def evaluate(model, processor, n_per_type: int = 20, split: str = "val") -> dict
         vals = []
         for i in range(n_per_type):
             s = syn.make_sample(split, i * len(syn.QUESTION_TYPES) + t)
-            x = processor(images=s.image, text=embedded.prompt(s.question), return_tensors="pt")
+            x = processor(images=s.image, text=embedded.prompt(s.question), return_tensors="pt").to(model.device)
             out = model.generate(**x, max_new_tokens=48, do_sample=False)
             pred = processor.tokenizer.decode(out[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
             vals.append(syn.score(qtype, pred, s.answer))
@@ -219,16 +344,43 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+RECIPES = {
+    # the shipped model's first stage (its fine-tune: see the model card)
+    "legacy": {},
+    # issue 11: no token dropout of any kind; position gaps, the CLS objective and grounding instead
+    "neutral": dict(steps=4000, drop_from=None, object_drop=0.0, turn_mean=True, pos_gaps=0.5, cls_weight=0.5,
+                    ground_weight=1.0, ground_layer=8,
+                    type_weights={"count": 2.0, "exist": 2.0, "position": 2.0}),
+}
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """The training batches from `start` on, made by DataLoader workers (worker w makes steps
+    w, w + W, ...; the loader hands them out in step order). Each batch depends on its step alone,
+    so a resumed run sees the same data whatever the worker count."""
+
+    def __init__(self, start: int, total: int, make):
+        self.start, self.total, self.make = start, total, make
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start + w, self.total, n):
+            yield step, self.make(step)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", choices=tuple(RECIPES), default="legacy",
+                    help="defaults for the options below (explicit options still win); neutral = issue 11's")
     ap.add_argument("--out", default="build/train-embedded")
     ap.add_argument("--vision-steps", type=int, default=400)
     ap.add_argument("--steps", type=int, default=3000, help="full-model steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux-weight", type=float, default=0.3)
-    ap.add_argument("--drop-from", type=int, default=1800,
-                    help="full step from which half the conversations lose random visual tokens")
+    ap.add_argument("--drop-from", type=lambda v: None if v in ("none", "None") else int(v), default=1800,
+                    help="full step from which half the conversations lose random visual tokens (none: never)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -243,7 +395,19 @@ def main(argv=None):
                     help="every answer turn weighs the same in the loss (default: every token)")
     ap.add_argument("--object-drop", type=float, default=0.0,
                     help="fraction of the dropped rows that keep an oracle-like subset instead")
+    ap.add_argument("--pos-gaps", type=float, default=0.0,
+                    help="fraction of conversations whose visual tokens get gaps in their position ids")
+    ap.add_argument("--cls-weight", type=float, default=0.0, help="weight of the CLIP-like CLS objective")
+    ap.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss")
+    ap.add_argument("--ground-layer", type=int, default=8, help="decoder layer whose output the grounding loss reads")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers making batches (default: 0 on CPU, 6 on a GPU)")
+    pre, _ = ap.parse_known_args(argv)
+    ap.set_defaults(**RECIPES[pre.recipe])
     args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     if args.init_from:
         args.vision_steps = 0
 
@@ -268,15 +432,22 @@ def main(argv=None):
     else:
         model = LlavaForConditionalGeneration(config)
     aux = AuxHeads(config.vision_config.hidden_size)
-    params = list(model.parameters()) + list(aux.parameters())
+    cls_head = ImageHead(config.vision_config.hidden_size)
+    grounding = Grounding(config.text_config.hidden_size)
+    model.to(device), aux.to(device), cls_head.to(device), grounding.to(device)
+    params = list(model.parameters()) + list(aux.parameters()) + list(cls_head.parameters()) + \
+        list(grounding.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     total = args.vision_steps + args.steps
     state = {"step": 0, "seconds": 0.0, "log": []}
     ckpt = out / "ckpt.pt"
     if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, weights_only=False, map_location=device)
         model.load_state_dict(saved["model"])
         aux.load_state_dict(saved["aux"])
+        if "cls_head" in saved:
+            cls_head.load_state_dict(saved["cls_head"])
+            grounding.load_state_dict(saved["grounding"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         print(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
@@ -284,43 +455,65 @@ def main(argv=None):
 
     def save():
         tmp = out / "ckpt.pt.tmp"
-        torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict(),
-                    "state": state, "args": vars(args)}, tmp)
+        torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "cls_head": cls_head.state_dict(),
+                    "grounding": grounding.state_dict(), "opt": opt.state_dict(), "state": state,
+                    "args": vars(args)}, tmp)
         os.replace(tmp, ckpt)
 
     t0 = time.time() - state["seconds"]
     running = []
-    while state["step"] < total:
-        step = state["step"]
+
+    def make(step):
+        vision_only = step < args.vision_steps
+        drop = not vision_only and args.drop_from is not None and step - args.vision_steps >= args.drop_from
+        return batch_of(step, args.batch * (2 if vision_only else 1), tok, config.image_token_id, args.seed,
+                        drop=drop, object_drop=args.object_drop, type_weights=args.type_weights,
+                        turn_mean=args.turn_mean)
+
+    batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
+                                          num_workers=workers, prefetch_factor=4 if workers else None)
+    for step, batch in batches:
+        assert step == state["step"], (step, state["step"])
         vision_only = step < args.vision_steps
         for g in opt.param_groups:
             g["lr"] = lr_at(step if vision_only else step - args.vision_steps,
                             args.vision_steps if vision_only else args.steps, args.lr, 100 if vision_only else args.warmup)
-        drop = not vision_only and step - args.vision_steps >= args.drop_from
-        pv, ids, labels, weights, mask, patch, keep = batch_of(
-            step, args.batch * (2 if vision_only else 1), tok, config.image_token_id, args.seed,
-            drop=drop, object_drop=args.object_drop, type_weights=args.type_weights,
-            turn_mean=args.turn_mean)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            feats = vision_features(model, pv)
+        pv, ids, labels, weights, mask, patch, keep = batch
+        is_image = ids == config.image_token_id
+        positions = None if vision_only else position_gaps(step, mask, is_image, args.seed, args.pos_gaps)
+        pv, ids, labels, weights, mask = (t.to(device) for t in (pv, ids, labels, weights, mask))
+        patch = {k: v.to(device) for k, v in patch.items()}
+        keep = keep.to(device) if keep is not None else None
+        positions = positions.to(device) if positions is not None else None
+        ground = (grounding, args.ground_layer, patch["queries"], patch["ground"]) if args.ground_weight else None
+        gl = cl = torch.zeros((), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            feats, pooled = vision_features(model, pv, pooled=True)
             aux_loss = aux.loss(feats, patch)
+            if args.cls_weight:
+                cl = cls_head.loss(pooled, patch["image"])
             if vision_only:
-                loss, lm = aux_loss, torch.tensor(0.0)
+                lm = torch.zeros((), device=device)
+                loss = aux_loss + args.cls_weight * cl
             else:
-                lm = lm_loss(model, feats, ids, labels, weights, mask, keep)
-                loss = lm + args.aux_weight * aux_loss
+                lm = lm_loss(model, feats, ids, labels, weights, mask, keep, positions, ground)
+                if ground is not None:
+                    lm, gl = lm
+                loss = lm + args.aux_weight * aux_loss + args.cls_weight * cl + args.ground_weight * gl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] += 1
         state["seconds"] = time.time() - t0
-        running.append((lm.item(), aux_loss.item()))
+        running.append((lm.item(), aux_loss.item(), cl.item(), gl.item()))
         if state["step"] % 50 == 0:
-            lm_m, aux_m = np.mean(running, axis=0)
+            lm_m, aux_m, cl_m, gl_m = np.mean(running, axis=0)
             running = []
             rec = {"step": state["step"], "lm": round(float(lm_m), 4), "aux": round(float(aux_m), 4),
                    "minutes": round(state["seconds"] / 60, 2)}
+            if args.cls_weight or args.ground_weight:
+                rec.update(cls=round(float(cl_m), 4), ground=round(float(gl_m), 4))
             state["log"].append(rec)
             print(json.dumps(rec), flush=True)
         done = state["step"] == total
@@ -334,7 +527,7 @@ def main(argv=None):
 
     final = out / "final"
     model.eval()
-    model.half()
+    model.cpu().half()
     model.save_pretrained(final)
     processor.save_pretrained(final)
     (final / "training.json").write_text(json.dumps(

@@ -1,0 +1,63 @@
+"""The neutral training recipe's pieces (issue 11): position gaps keep every visual token, the
+grounding targets point at the question's objects (or none), the CLS targets name what is present,
+and nothing in a neutral batch drops a token."""
+import numpy as np
+import torch
+
+from harness.data import synthetic as syn
+from harness.models import embedded
+from tools import train_embedded as te
+
+
+def test_position_gaps_keep_every_token_and_spread_their_positions():
+    S, start, M = 200, 3, syn.NUM_PATCHES
+    is_image = torch.zeros(2, S, dtype=torch.bool)
+    is_image[:, start:start + M] = True
+    mask = torch.ones(2, S, dtype=torch.long)
+    assert te.position_gaps(0, mask, is_image, 0, 0.0) is None
+    pos = te.position_gaps(5, mask, is_image, 0, 1.0, stretch=2.0)
+    for b in range(2):
+        p = pos[b]
+        assert torch.equal(p[:start], torch.arange(start))  # text before the image untouched
+        vis = p[start:start + M]
+        assert (vis[1:] > vis[:-1]).all() and vis[0] >= start  # increasing, every token kept
+        span = int(p[start + M]) - start  # text after continues past the whole (stretched) range
+        assert M <= span <= 2 * M and int(vis[-1]) < start + span
+        assert torch.equal(p[start + M:] - p[start + M], torch.arange(S - start - M))
+    assert not torch.equal(pos, te.position_gaps(6, mask, is_image, 0, 1.0))  # drawn per step
+
+
+def test_grounding_targets_name_the_questions_objects_or_none():
+    s = next(syn.make_sample("train", i) for i in range(100) if syn.make_sample("train", i).qtype == "position")
+    t = te.grounding_target(s.question, s.answer, s.relevant, s.objects)
+    rel = s.patch_relevance()
+    assert t[-1] == 0 and np.isclose(t.sum(), 1) and np.allclose(t[:-1], rel / rel.sum())
+    assert te.grounding_target("is there a red cross ?", "no", [0], s.objects)[-1] == 1.0
+    assert te.grounding_target("how many red objects are there ?", "zero", [], s.objects)[-1] == 1.0
+    assert te.grounding_target("describe the image .", "...", list(range(len(s.objects))), s.objects) is None
+
+
+def test_cls_targets_and_a_neutral_batch():
+    s = syn.make_sample("train", 3)
+    t = te.ImageHead.targets(s.objects)
+    names = {n for n, v in zip(te.ImageHead.LABELS, t) if v}
+    assert {o.color for o in s.objects if o.kind == "shape"} <= names
+    assert {f"letter-{o.letter}" for o in s.objects if o.kind == "letter"} <= names
+    assert len(names) == len({o.color for o in s.objects if o.kind == "shape"} | {o.shape for o in s.objects
+                                                                                  if o.kind == "shape"}) + 1
+    tok = embedded.build_processor().tokenizer
+    image_id = embedded.build_config().image_token_id
+    pv, ids, labels, weights, mask, patch, keep = te.batch_of(7, 4, tok, image_id, 0, turn_mean=True)
+    assert keep is None and (ids == image_id).sum(1).eq(syn.NUM_PATCHES).all()  # nothing dropped
+    q = patch["queries"]
+    assert len(q) == len(patch["ground"]) > 0
+    assistant = tok.get_vocab()["ASSISTANT:"]
+    assert (ids[q[:, 0], q[:, 1]] == assistant).all()  # each query is a question's last prompt token
+    assert torch.allclose(patch["ground"].sum(1), torch.ones(len(q)))
+    g = te.Grounding(embedded.build_config().text_config.hidden_size)
+    hidden = torch.randn(ids.shape[0], ids.shape[1], 128)
+    rows = (ids == image_id).nonzero()[:, 1].view(ids.shape[0], -1)
+    loss = g.loss(hidden, rows, q, patch["ground"])
+    assert loss.ndim == 0 and loss > 0
+    loss.backward()
+    assert g.q.weight.grad is not None and g.none.grad is not None
