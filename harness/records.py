@@ -80,7 +80,8 @@ def _with_interval(name: str) -> tuple[str, ...]:
 METRICS = (
     # the cell's own (harness.cell.aggregate, harness.measure.timing_metrics)
     "accuracy", "samples", *TIMES, *GPU_TIMES, "decode_tokens_per_s_pooled", "decode_tokens_per_s_mean",
-    *(f"{t}_spread" for t in (*TIMES, "decode_tokens_per_s_pooled", "decode_tokens_per_s_mean")), "repeats",
+    *(f"{t}_spread" for t in (*TIMES, *GPU_TIMES, "decode_tokens_per_s_pooled", "decode_tokens_per_s_mean")),
+    "repeats",
     "equal_token_average", "prefill_gflops", "kv_cache_mb", "target_forwards_per_token",
     "acceptance_rate", "mean_accepted_length", "peak_rss_mb", "peak_gpu_allocated_mb", "repeat_token_mismatches",
     "roofline_fraction", "prefill_roofline_fraction", "decode_roofline_fraction",

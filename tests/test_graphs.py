@@ -140,3 +140,55 @@ def test_graphs_capture_replay_and_read_nothing_back(device):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         set_regime(a, "eager")
+
+
+class ReplayOnCPU(Graphs):
+    """CUDA graph semantics on a CPU: a pass's first call of a key is traced (its Python body
+    stored) and every later call of that key re-runs the stored body, not the caller's: what the
+    key does not distinguish is replayed from the first capture, as on a GPU."""
+
+    def __init__(self, device):
+        super().__init__(device, capture=True, fuse=False)
+
+    def _capture(self, g, body, layers):
+        g.graph = type("Stored", (), {"replay": lambda _self: setattr(g, "out", body())})()
+        g.out = body()
+        self.captures += 1
+
+
+def test_replays_keep_twigs_and_method_passes_apart(adapter32):
+    """Two twigs of one shape, and TTP's own twig pass beside SSD's draft twig: each replay runs
+    the modules and cache it was captured with, so drafting statistics equal the eager regime's."""
+    from methods.twigvlm.twig import Twig
+
+    a = adapter32
+    shape = ModelShape(a.num_layers, a.num_visual)
+    ttp = build_method("twigvlm", 16)
+    ttp.bind(a)
+    ttp.configure(shape)
+    other = Twig.grow(a.model, 1, 2, "copy").eval()  # the embedded twig's shape, other weights
+    deep = Twig.grow(a.model, 2, 2, "copy").eval()  # prunes after layer 1: TTP's pass after SSD's twig cache
+    deep_ttp = build_method("twigvlm", 24, twig="embedded", K=1)
+    deep_ttp.bind(a)
+    deep_ttp.twig, deep_ttp.K = deep, 2
+    deep_ttp.configure(shape)
+    runs = [(build_method("baseline"), ttp.twig), (build_method("baseline"), other), (deep_ttp, ttp.twig)]
+    s = syn.make_sample("test", 603)
+    x = a.inputs(s.image, s.question)
+
+    def stats():
+        out = []
+        for m, twig in runs:
+            rec, st = speculative_generate(a, x["input_ids"], x["pixel_values"], m, twig, 16, sample=s)
+            out.append((rec.tokens, rec.keep, st.drafted, st.accepted, st.rounds))
+        return out
+
+    eager = stats()
+    a.graphs_state = ReplayOnCPU(a.device)
+    set_regime(a, "graphs")
+    try:
+        assert stats() == eager and stats() == eager  # first pass captures, second replays
+        assert a.graphs_state.captures > 0
+    finally:
+        set_regime(a, "eager")
+        del a.graphs_state

@@ -48,6 +48,39 @@ def fit(methods: list[str], cov: np.ndarray, score: np.ndarray, which: np.ndarra
     return at_mean - at_mean.mean()
 
 
+def effects(rows: list[tuple[int, float, float]], n_methods: int, seed: int = 0):
+    """(point, low, high, slope): each method's effect at equal coverage (fit) with a 95 % bootstrap
+    interval over samples (resampled within each method), from rows of (method, coverage, score)."""
+    which = np.array([m for m, _, _ in rows])
+    cov = np.array([v for _, v, _ in rows])
+    score = np.array([s for _, _, s in rows])
+    names = list(range(n_methods))
+    point = fit(names, cov, score, which)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(BOOTSTRAP):
+        idx = np.concatenate([rng.choice(np.flatnonzero(which == m), (which == m).sum()) for m in names])
+        draws.append(fit(names, cov[idx], score[idx], which[idx]))
+    lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
+    slope = np.linalg.lstsq(np.c_[np.eye(n_methods)[which], cov], score, rcond=None)[0][-1]
+    return point, lo, hi, slope
+
+
+def table(methods: list[str], rows, title: str) -> str:
+    """The printed fidelity table."""
+    point, lo, hi, slope = effects(rows, len(methods))
+    which = np.array([m for m, _, _ in rows])
+    cov = np.array([v for _, v, _ in rows])
+    score = np.array([s for _, _, s in rows])
+    out = [f"{title}: score = effect[method] + slope * coverage (slope {slope:.3f})",
+           f"{'method':<22} {'n':>4} {'coverage':>9} {'accuracy':>9} {'effect at equal coverage (95 % CI)':>38}"]
+    for m, name in enumerate(methods):
+        sel = which == m
+        out.append(f"{name:<22} {sel.sum():>4} {cov[sel].mean():>9.3f} {100 * score[sel].mean():>8.1f}% "
+                   f"{100 * point[m]:>+14.1f} points [{100 * lo[m]:+.1f}, {100 * hi[m]:+.1f}]")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="default")
@@ -64,23 +97,7 @@ def main(argv=None) -> None:
             v = coverage(r, args.tokens, args.merged)
             if v is not None:
                 rows.append((len(methods) - 1, v, r.score))
-    which = np.array([m for m, _, _ in rows])
-    cov = np.array([v for _, v, _ in rows])
-    score = np.array([s for _, _, s in rows])
-    point = fit(methods, cov, score, which)
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(BOOTSTRAP):
-        idx = np.concatenate([rng.choice(np.flatnonzero(which == m), (which == m).sum()) for m in range(len(methods))])
-        draws.append(fit(methods, cov[idx], score[idx], which[idx]))
-    lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
-    print(f"{args.experiment}, {args.tokens} tokens: score = effect[method] + slope * coverage "
-          f"(slope {np.linalg.lstsq(np.c_[np.eye(len(methods))[which], cov], score, rcond=None)[0][-1]:.3f})")
-    print(f"{'method':<22} {'n':>4} {'coverage':>9} {'accuracy':>9} {'effect at equal coverage (95 % CI)':>38}")
-    for m, name in enumerate(methods):
-        sel = which == m
-        print(f"{name:<22} {sel.sum():>4} {cov[sel].mean():>9.3f} {100 * score[sel].mean():>8.1f}% "
-              f"{100 * point[m]:>+14.1f} points [{100 * lo[m]:+.1f}, {100 * hi[m]:+.1f}]")
+    print(table(methods, rows, f"{args.experiment}, {args.tokens} tokens"))
 
 
 if __name__ == "__main__":

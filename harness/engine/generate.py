@@ -55,10 +55,11 @@ def new_cache(adapter: ModelAdapter, name: str = "backbone", num_layers: int | N
 
 
 def method_caches(adapter: ModelAdapter, reserve: int):
-    """LayerContext.new_cache for a prefill: static caches in the graphs regime, else None."""
+    """LayerContext.new_cache for a prefill: static caches in the graphs regime, else None. Their
+    names are the method's own ("method:<name>"), apart from the engine's (backbone, SSD's twig)."""
     if regime(adapter) is None:
         return None
-    return lambda name, num_layers: new_cache(adapter, name, num_layers, reserve)
+    return lambda name, num_layers: new_cache(adapter, f"method:{name}", num_layers, reserve)
 
 
 def host_keep(keep: dict) -> dict:
@@ -227,6 +228,8 @@ def run_layers(adapter: ModelAdapter, seq: Sequence, method: Method, cache, firs
 def _run_segments(adapter: ModelAdapter, seq: Sequence, method: Method, cache: StaticCache, first: int, last: int,
                   before_prune=None) -> Sequence:
     """The graphs regime's run_layers: one captured pass per run of layers between pruning points."""
+    if first >= last:
+        return seq
     stops = sorted({i for i in method.prune_layers if first <= i < last - 1} | {last - 1})
     a = first
     for b in stops:

@@ -68,8 +68,11 @@ class StaticLayer:
         return self.length
 
     def crop(self, n: int) -> None:
-        """DynamicCache's convention: crop(-n) drops the last n entries, crop(n) keeps the first n."""
-        self.length = self.length + n if n < 0 else min(n, self.length)
+        """crop(-n) drops the last n entries (host side; StaticCache.crop_all moves the device
+        offsets with it)."""
+        if n >= 0:
+            raise ValueError(f"crop({n}): a static layer only drops entries (crop(-n)); use StaticCache.crop_all")
+        self.length += n
 
 
 class StaticCache:
@@ -103,6 +106,8 @@ class StaticCache:
     def crop_all(self, n: int, first: int = 0, last: int | None = None) -> None:
         """Drop the last n entries of layers first..last-1 (all: SSD rollback), host and device together."""
         last = len(self.layers) if last is None else last
+        if n <= 0:
+            return
         for layer in self.layers[first:last]:
             layer.crop(-n)
         self.starts[first:last].sub_(n)
@@ -156,6 +161,7 @@ class _Graph:
     tokens: torch.Tensor | None
     positions: torch.Tensor
     out: tuple | None = None  # static outputs of the captured body
+    pins: tuple = ()  # the modules and functions the body baked in, kept alive with the graph
 
 
 class Graphs:
@@ -216,7 +222,10 @@ class Graphs:
         q = _round_up(n, ROUND_ROWS) if fresh and n > 1 else n
         for i, layer in zip(idxs, layers):
             cache.ensure(i, layer, cache.get_seq_length(i) + q)
-        key = (cache.name, idxs[0], idxs[-1], fresh, q, tokens is not None, want_last_input,
+        # which modules run (a twig is one of many of the same shape) and every value the body reads
+        # from Python while it is traced
+        parts = (tuple(id(m) for m in layers), id(getattr(head, "__self__", head)), id(getattr(embed, "__self__", embed)))
+        key = (cache.name, parts, idxs[0], idxs[-1], fresh, q, tokens is not None, want_last_input,
                n if head is not None else None, tuple(cache.layers[i].capacity for i in idxs))
         # layers whose cache holds as many entries in a buffer of the same size share one mask
         # (their offsets advance together for as long as this graph is replayed: part of its key)
@@ -229,7 +238,7 @@ class Graphs:
             dev = self.device
             g = _Graph(None, None if tokens is not None else torch.zeros_like(hidden[:, :1]).expand(1, q, -1).clone(),
                        torch.zeros(1, q, dtype=torch.long, device=dev) if tokens is not None else None,
-                       torch.zeros(q, dtype=torch.long, device=dev))
+                       torch.zeros(q, dtype=torch.long, device=dev), pins=(list(layers), head, embed))
         # inputs into the static buffers (device-side copies and scalar fills: no host sync)
         if tokens is not None:
             if n == 1:
