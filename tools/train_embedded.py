@@ -393,6 +393,8 @@ def main(argv=None):
                     help="question-type mix, e.g. count=2,exist=2 (others 1); default uniform")
     ap.add_argument("--turn-mean", action="store_true",
                     help="every answer turn weighs the same in the loss (default: every token)")
+    ap.add_argument("--turn-mean-from", type=int, default=0,
+                    help="with --turn-mean: the full step from which it applies (tokens weigh the same before)")
     ap.add_argument("--object-drop", type=float, default=0.0,
                     help="fraction of the dropped rows that keep an oracle-like subset instead")
     ap.add_argument("--pos-gaps", type=float, default=0.0,
@@ -468,7 +470,7 @@ def main(argv=None):
         drop = not vision_only and args.drop_from is not None and step - args.vision_steps >= args.drop_from
         return batch_of(step, args.batch * (2 if vision_only else 1), tok, config.image_token_id, args.seed,
                         drop=drop, object_drop=args.object_drop, type_weights=args.type_weights,
-                        turn_mean=args.turn_mean)
+                        turn_mean=args.turn_mean and step - args.vision_steps >= args.turn_mean_from)
 
     batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
                                           num_workers=workers, prefetch_factor=4 if workers else None)
