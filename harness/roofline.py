@@ -89,6 +89,18 @@ def _time_cpu(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _matmul_seconds(n: int, dtype: torch.dtype, d: torch.device, timer, warmup: int, repeats: int) -> float:
+    a, b = torch.randn(n, n, dtype=dtype, device=d), torch.randn(n, n, dtype=dtype, device=d)
+    out = torch.empty(n, n, dtype=dtype, device=d)
+    return timer(lambda: torch.matmul(a, b, out=out), warmup, repeats)
+
+
+def _copy_seconds(nbytes: int, d: torch.device, timer, warmup: int, repeats: int) -> float:
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=d)  # a copy moves bytes: dtype is moot
+    dst = torch.empty_like(src)
+    return timer(lambda: dst.copy_(src), warmup, repeats)
+
+
 def measure_peaks(device, dtype: torch.dtype | None = None) -> Peaks:
     """Achieved matmul FLOP/s (2 n^3 per n x n x n product) and copy bandwidth (2 * nbytes per
     copy: read + write) on `device` in `dtype` (default float16 on CUDA, float32 on CPU).
@@ -101,14 +113,8 @@ def measure_peaks(device, dtype: torch.dtype | None = None) -> Peaks:
         return _PEAKS[key]
     n, copy_bytes, warmup, repeats = (8192, 2 ** 30, 3, 10) if cuda else (512, 2 ** 26, 1, 5)
     timer = _time_cuda if cuda else _time_cpu
-    a, b = torch.randn(n, n, dtype=dtype, device=d), torch.randn(n, n, dtype=dtype, device=d)
-    out = torch.empty(n, n, dtype=dtype, device=d)
-    mm_s = timer(lambda: torch.matmul(a, b, out=out), warmup, repeats)
-    del a, b, out
-    src = torch.ones(copy_bytes // 4, dtype=torch.float32, device=d)  # a copy moves bytes: dtype is moot
-    dst = torch.empty_like(src)
-    copy_s = timer(lambda: dst.copy_(src), warmup, repeats)
-    del src, dst
+    mm_s = _matmul_seconds(n, dtype, d, timer, warmup, repeats)
+    copy_s = _copy_seconds(copy_bytes, d, timer, warmup, repeats)
     name = torch.cuda.get_device_name(d) if cuda else (platform.processor() or platform.machine() or "cpu")
     timing = "CUDA events" if cuda else "time.perf_counter"
     peaks = Peaks(flops=2 * n ** 3 / mm_s, bandwidth=2 * copy_bytes / copy_s, device_name=name,

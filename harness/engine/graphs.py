@@ -203,11 +203,6 @@ class Graphs:
     def new_cache(self, name: str, num_layers: int, reserve: int, rotary=None) -> StaticCache:
         return StaticCache(self, name, num_layers, reserve, rotary)
 
-    def reset(self) -> None:
-        """Forget captured graphs and buffers (another model, or memory wanted back)."""
-        self._graphs.clear()
-        self._pool.clear()
-
     # ---- passes
     def run(self, layers, cache: StaticCache, rotary, implicit_causal: bool, *, hidden: torch.Tensor | None = None,
             tokens: list[int] | None = None, embed=None, positions: torch.Tensor | None = None,
