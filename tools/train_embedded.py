@@ -213,12 +213,12 @@ def object_keep(relevance: np.ndarray, g: torch.Generator) -> torch.Tensor:
 
 
 def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop: bool = False,
-             object_drop: float = 0.0, type_weights=None, turn_mean: bool = False):
+             object_drop: float = 0.0, type_weights=None, turn_mean: bool = False, max_turns: int = 4):
     """One training batch. With `drop`, rows lose visual tokens (see visual_dropout); of the rows
     that do, a fraction `object_drop` instead keeps an oracle-like subset around the first
     question's objects (object_keep) and is cut to that one question."""
-    convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, type_weights=type_weights)
-             for b in range(batch)]
+    convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, max_turns=max_turns,
+                                   type_weights=type_weights) for b in range(batch)]
     keep = visual_dropout(step, batch, syn.NUM_PATCHES, seed) if drop else None
     if drop and object_drop > 0:
         g = torch.Generator().manual_seed(seed * 7_000_009 + step)
@@ -402,6 +402,10 @@ def main(argv=None):
     ap.add_argument("--cls-weight", type=float, default=0.0, help="weight of the CLIP-like CLS objective")
     ap.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss")
     ap.add_argument("--ground-layer", type=int, default=8, help="decoder layer whose output the grounding loss reads")
+    ap.add_argument("--max-turns", type=int, default=4,
+                    help="questions per training conversation, at most (1: single-turn, no answer in context)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop after this much training time (checkpoint and final/ written; the record says so)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers making batches (default: 0 on CPU, 6 on a GPU)")
@@ -470,7 +474,8 @@ def main(argv=None):
         drop = not vision_only and args.drop_from is not None and step - args.vision_steps >= args.drop_from
         return batch_of(step, args.batch * (2 if vision_only else 1), tok, config.image_token_id, args.seed,
                         drop=drop, object_drop=args.object_drop, type_weights=args.type_weights,
-                        turn_mean=args.turn_mean and step - args.vision_steps >= args.turn_mean_from)
+                        turn_mean=args.turn_mean and step - args.vision_steps >= args.turn_mean_from,
+                        max_turns=args.max_turns)
 
     batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
                                           num_workers=workers, prefetch_factor=4 if workers else None)
@@ -518,7 +523,8 @@ def main(argv=None):
                 rec.update(cls=round(float(cl_m), 4), ground=round(float(gl_m), 4))
             state["log"].append(rec)
             print(json.dumps(rec), flush=True)
-        done = state["step"] == total
+        stopped = args.max_minutes is not None and state["seconds"] > 60 * args.max_minutes and not vision_only
+        done = state["step"] == total or stopped
         if not vision_only and (state["step"] - args.vision_steps) % args.eval_every == 0 or done:
             if not vision_only:
                 scores = evaluate(model, processor, args.eval_n)
@@ -526,6 +532,9 @@ def main(argv=None):
                 print(json.dumps({"step": state["step"], "val": scores}), flush=True)
         if state["step"] % args.ckpt_every == 0 or done:
             save()
+        if stopped:
+            print(f"stopped at step {state['step']} of {total} (--max-minutes {args.max_minutes})", flush=True)
+            break
 
     final = out / "final"
     model.eval()
@@ -533,7 +542,7 @@ def main(argv=None):
     model.save_pretrained(final)
     processor.save_pretrained(final)
     (final / "training.json").write_text(json.dumps(
-        {"args": vars(args), "steps": state["step"], "minutes": round(state["seconds"] / 60, 1),
+        {"args": vars(args), "steps": state["step"], "planned_steps": total, "minutes": round(state["seconds"] / 60, 1),
          "log": state["log"]}, indent=1))
     print(f"wrote {final}", flush=True)
 
