@@ -61,3 +61,24 @@ def test_cls_targets_and_a_neutral_batch():
     assert loss.ndim == 0 and loss > 0
     loss.backward()
     assert g.q.weight.grad is not None and g.none.grad is not None
+
+
+def test_single_turn_batches_hold_one_question_each():
+    tok = embedded.build_processor().tokenizer
+    image_id = embedded.build_config().image_token_id
+    _, ids, _, _, _, patch, _ = te.batch_of(5, 6, tok, image_id, 0, max_turns=1)
+    assistant = tok.get_vocab()["ASSISTANT:"]
+    assert (ids == assistant).sum(1).eq(1).all()
+    _, ids4, *_ = te.batch_of(5, 6, tok, image_id, 0)
+    assert (ids4 == assistant).sum(1).max() > 1  # the default mixes in follow-up questions
+
+
+def test_stop_step_ends_a_run_early_with_a_final_model_and_its_record(tmp_path):
+    import json
+
+    te.main(["--recipe", "neutral", "--out", str(tmp_path), "--vision-steps", "1", "--steps", "5",
+             "--batch", "2", "--eval-n", "0", "--threads", "1", "--stop-step", "3", "--device", "cpu"])
+    record = json.loads((tmp_path / "final" / "training.json").read_text())
+    assert (record["steps"], record["planned_steps"]) == (3, 6)
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["state"]["step"] == 3

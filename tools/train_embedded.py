@@ -384,7 +384,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
-    ap.add_argument("--eval-n", type=int, default=20, help="validation samples per question type")
+    ap.add_argument("--eval-n", type=int, default=20, help="validation samples per question type (0: no validation)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--init-from", default=None,
                     help="continue from a saved model directory (fine-tuning; no vision stage)")
@@ -406,6 +406,9 @@ def main(argv=None):
                     help="questions per training conversation, at most (1: single-turn, no answer in context)")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop after this much training time (checkpoint and final/ written; the record says so)")
+    ap.add_argument("--stop-step", type=int, default=None,
+                    help="stop after this global step, the schedule still planned for the full run "
+                         "(replays a run that --max-minutes stopped: its training.json gives the step)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers making batches (default: 0 on CPU, 6 on a GPU)")
@@ -523,17 +526,18 @@ def main(argv=None):
                 rec.update(cls=round(float(cl_m), 4), ground=round(float(gl_m), 4))
             state["log"].append(rec)
             print(json.dumps(rec), flush=True)
-        stopped = args.max_minutes is not None and state["seconds"] > 60 * args.max_minutes and not vision_only
+        stopped = not vision_only and (args.max_minutes is not None and state["seconds"] > 60 * args.max_minutes
+                                       or args.stop_step is not None and state["step"] >= args.stop_step)
         done = state["step"] == total or stopped
         if not vision_only and (state["step"] - args.vision_steps) % args.eval_every == 0 or done:
-            if not vision_only:
+            if not vision_only and args.eval_n:
                 scores = evaluate(model, processor, args.eval_n)
                 state["log"].append({"step": state["step"], "val": scores})
                 print(json.dumps({"step": state["step"], "val": scores}), flush=True)
         if state["step"] % args.ckpt_every == 0 or done:
             save()
         if stopped:
-            print(f"stopped at step {state['step']} of {total} (--max-minutes {args.max_minutes})", flush=True)
+            print(f"stopped at step {state['step']} of {total}", flush=True)
             break
 
     final = out / "final"
