@@ -42,3 +42,15 @@ def test_shape_check_decode_and_ssd_round_tables(capsys, device):
         assert 0 < r["bound_draft_over_full"] < 1 and r["speedup_bound_paper"] > 0
     out = capsys.readouterr().out
     assert "2. decode" in out and "3. SSD round" in out
+
+
+def test_idle_gaps_finds_where_the_gpu_waits_and_what_the_host_did():
+    kernels = [(0, 10, "k1"), (5, 12, "k2"), (40, 50, "k3"), (52, 60, "k4"), (160, 170, "k5")]
+    host = [(13, 14, "aten::sort"), (15, 16, "aten::cat"), (20, 21, "aten::cat"), (61, 90, "aten::topk"),
+            (1, 2, "aten::mm")]  # the last one began while kernels ran: not behind a gap
+    g = shape_check.idle_gaps(kernels, host, top=5, min_us=5)
+    assert g["span_us"] == 170 and g["busy_us"] == 12 + 10 + 8 + 10 and g["idle_us"] == 130
+    assert [(x["us"], x["next_kernel"]) for x in g["gaps"]] == [(100, "k5"), (28, "k3")]  # the 2 us gap is below min
+    assert g["gaps"][1]["host_ops"] == [("aten::cat", 2), ("aten::sort", 1)]
+    assert g["gaps"][0]["host_ops"] == [("aten::topk", 1)]
+    assert shape_check.idle_gaps([], host)["gaps"] == []

@@ -19,6 +19,9 @@ Three tables, each row with the figure the hardware allows next to the measured 
    their ratios, and the analytic decode speedup bound at the paper's 57.4 % acceptance and at
    the measured one: E(alpha) * full / (delta * draft + verify), E = (1 - alpha^(delta+1)) / (1 - alpha).
 
+`--gaps` (GPU) takes table 1's wall/kernel ratio apart: per method, the GPU's idle time between the
+kernels of one prefill and its largest gaps, each with the host ops that began while it waited.
+
 Peaks (FLOP/s from a large matmul, bytes/s from a large copy) are measured once at start-up and
 printed with the device's name. The twig is grown from the backbone's own layers, as TwigVLM
 initialises it.
@@ -106,6 +109,65 @@ def kernel_ms(fn, device) -> float:
         sync(device)
     us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
     return us / 1e3
+
+
+def idle_gaps(kernels, host, top: int = 6, min_us: float = 20.0) -> dict:
+    """Where a GPU waits within one pass: `kernels` and `host` are (start_us, end_us, name) from a
+    profile (GPU kernels; host ops). Returns the kernels' span, busy time (union of the kernel
+    intervals), idle time inside the span, and the `top` largest idle gaps (>= min_us), each with
+    the kernel that ends it and the host ops that began while the GPU sat idle (the host work the
+    GPU waited for), most frequent first."""
+    ks = sorted(kernels)
+    if not ks:
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": []}
+    busy, gaps = 0.0, []
+    cur_start, cur_end = ks[0][0], ks[0][1]
+    for start, end, name in ks[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((cur_end, start, name))
+            cur_start = start
+        cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    span = cur_end - ks[0][0]
+    out = []
+    for a, b, name in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        if b - a < min_us:
+            break
+        names: dict = {}
+        for hs, _, hname in host:
+            if a <= hs < b:
+                names[hname] = names.get(hname, 0) + 1
+        ranked = sorted(names.items(), key=lambda kv: -kv[1])
+        out.append({"us": b - a, "next_kernel": name, "host_ops": ranked})
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "gaps": out}
+
+
+def prefill_gaps(adapter: ModelAdapter, rows, sample, x, engine: str) -> None:
+    """Table 1's wall/kernel ratio taken apart (CUDA only): for one prefill per method, the GPU's
+    idle time between its kernels and the largest gaps with the host ops that ran meanwhile."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    set_regime(adapter, engine)
+    print(f"\nidle GPU inside one prefill, engine {engine} (profiler; vision included, its kernels count as busy)")
+    with torch.no_grad():
+        for name, b, m in rows:
+            prefill(adapter, x["input_ids"], x["pixel_values"], m, sample)  # warm (captured already)
+            sync(adapter.device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                prefill(adapter, x["input_ids"], x["pixel_values"], m, sample)
+                sync(adapter.device)
+            ev = prof.events()
+            kernels = [(e.time_range.start, e.time_range.end, e.name) for e in ev if e.device_type == DeviceType.CUDA]
+            host = [(e.time_range.start, e.time_range.end, e.name) for e in ev
+                    if e.device_type == DeviceType.CPU and not e.name.startswith("cuda")]
+            g = idle_gaps(kernels, host)
+            print(f"{name} {b or 'all'}: kernels span {g['span_us'] / 1e3:.2f} ms, busy {g['busy_us'] / 1e3:.2f} ms, "
+                  f"idle {g['idle_us'] / 1e3:.2f} ms")
+            for gap in g["gaps"]:
+                ops = ", ".join(f"{n} x{c}" for n, c in gap["host_ops"][:5]) or "(none began: host in one op)"
+                print(f"   {gap['us']:8.1f} us before {gap['next_kernel'][:40]:40}  host: {ops}")
 
 
 def median_ms(fn, device, n: int) -> float:
@@ -289,7 +351,7 @@ def round_rows(adapter: ModelAdapter, x: dict, sample, twig, delta: int, reps: i
 
 def run(shape: str = "llava-1.5-7b", budgets=(192, 128, 64), samples: int = 8, repeats: int = 3,
         dtype: str = "float16", device: str | None = None, new_tokens: int = 64, engines=REGIMES,
-        decode: bool = False, profile_decode: bool = False) -> list[dict]:
+        decode: bool = False, profile_decode: bool = False, gaps: bool = False) -> list[dict]:
     """Table 1 (prefill) per regime; with `decode`, tables 2 and 3 too. Returns table 1's rows
     (and, with `decode`, attaches the other tables as run.last)."""
     from methods.twigvlm.twig import Twig, save_twig
@@ -319,6 +381,11 @@ def run(shape: str = "llava-1.5-7b", budgets=(192, 128, 64), samples: int = 8, r
                   f"{r['gflops']:7.4g} {r['prefill_ms']:8.2f} {r['kernel_ms']:9.2f} "
                   f"{r['wall_over_kernel']:9.2f} {r['speedup']:7.2f}x {r['flop_ratio']:6.2f}x "
                   f"{r['bound_ms']:8.2f} {100 * r['roofline_fraction']:7.1f}%")
+    if gaps and adapter.device.type == "cuda":
+        for engine in engines:
+            prefill_gaps(adapter, rows, data[0], inputs[0], engine)
+    elif gaps:
+        print("\n--gaps: needs a GPU (kernel timestamps)")
     eng = getattr(adapter, "graphs_state", None)
     if eng is not None:
         print(f"graphs regime: {eng.captures} graphs captured, {eng.replays} replays; elementwise fusion "
@@ -389,6 +456,8 @@ def main(argv=None):
     ap.add_argument("--profile-decode", action="store_true",
                     help="also profile the eager regime's decode steps beside HF generate() (host time per op)")
     ap.add_argument("--dtype", default=None, help="default: float16 on GPU, float32 on CPU")
+    ap.add_argument("--gaps", action="store_true",
+                    help="also: the GPU's idle gaps inside one prefill per method and the host ops behind them")
     a = ap.parse_args(argv)
     dtype = a.dtype or ("float16" if torch.cuda.is_available() else "float32")
     if not a.tiny and not torch.cuda.is_available():
@@ -396,7 +465,7 @@ def main(argv=None):
         a.tiny = True
     shape, budgets = ("tiny", a.budgets or (96, 72, 48)) if a.tiny else ("llava-1.5-7b", a.budgets or (192, 128, 64))
     run(shape, budgets, a.samples, a.repeats, dtype, new_tokens=a.new_tokens, engines=a.engines,
-        decode=not a.no_decode, profile_decode=a.profile_decode)
+        decode=not a.no_decode, profile_decode=a.profile_decode, gaps=a.gaps)
 
 
 if __name__ == "__main__":

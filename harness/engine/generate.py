@@ -170,7 +170,13 @@ def embed_prompt(adapter: ModelAdapter, input_ids: torch.Tensor, vis: Reduced, s
 
 
 def prune(adapter: ModelAdapter, seq: Sequence, method: Method, layer_idx: int, attention) -> None:
-    """Let the method choose the visual tokens that go on after `layer_idx`; update `seq` in place."""
+    """Let the method choose the visual tokens that go on after `layer_idx`; update `seq` in place
+    (labelled "twigbench.prune" in profiles: shape_check --gaps names the host work a GPU waits for)."""
+    with torch.profiler.record_function("twigbench.prune"):
+        _prune(adapter, seq, method, layer_idx, attention)
+
+
+def _prune(adapter: ModelAdapter, seq: Sequence, method: Method, layer_idx: int, attention) -> None:
     ts = time.perf_counter()
     sel = method.select(seq.context(layer_idx, attention))
     if not isinstance(sel, Selection):
