@@ -82,3 +82,39 @@ def test_stop_step_ends_a_run_early_with_a_final_model_and_its_record(tmp_path):
     assert (record["steps"], record["planned_steps"]) == (3, 6)
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["state"]["step"] == 3
+
+
+def test_a_recorded_run_renders_as_a_command_that_repeats_it():
+    argv = ["--recipe", "neutral", "--out", "x", "--steps", "2600", "--lr", "5e-4", "--pos-gaps", "0",
+            "--type-weights", "count=3,exist=2", "--max-turns", "1", "--device", "cuda", "--threads", "7",
+            "--init-from", "somewhere/final"]
+    recorded = vars(te.parse_args(argv))
+    cmd = te.command(recorded, "build/embedded-2", "build/embedded-1/final", stopped_at=900)
+    words = cmd.split()
+    assert words[:3] == ["python", "-m", "tools.train_embedded"] and "--threads" not in words
+    assert words[words.index("--stop-step") + 1] == "900"
+    again = vars(te.parse_args(words[3:]))
+    for key, value in recorded.items():
+        if key not in te.NOT_IN_COMMAND:
+            assert again[key] == value, key
+    assert (again["out"], again["init_from"]) == ("build/embedded-2", "build/embedded-1/final")
+    assert te.command(vars(te.parse_args(["--recipe", "neutral"])), "o") == \
+        "python -m tools.train_embedded --recipe neutral --out o"  # the recipe's defaults need no flags
+
+
+def test_publish_history_follows_the_init_from_chain(tmp_path):
+    import json
+
+    from tools import publish_embedded as pe
+
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, init, steps, planned in ((first, None, 900, 4400), (second, first, 2600, 2600), (third, second, 10, 10)):
+        d.mkdir()
+        args = vars(te.parse_args(["--recipe", "neutral"] + (["--init-from", str(init)] if init else [])))
+        (d / "training.json").write_text(json.dumps({"args": args, "steps": steps, "planned_steps": planned,
+                                                     "minutes": 1.0}))
+    chain = pe.history(third)
+    assert [st["steps"] for st in chain] == [900, 2600, 10]
+    text = pe.stage_text(chain[0], 1)
+    assert "--stop-step 900" in text and "stopped by a time budget; 4400 planned" in text
+    assert "--init-from build/embedded-2/final" in pe.stage_text(chain[2], 3)

@@ -23,6 +23,7 @@ from harness.engine.generate import generate
 from harness.models.adapter import load_model
 from harness.models.embedded import EMBEDDED_DIR
 from methods import ModelShape, build_method
+from tools import train_embedded
 
 FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
          "tokenizer.json", "tokenizer_config.json")
@@ -57,8 +58,49 @@ def evaluate(model_dir: str, per_type: int) -> dict:
     return {k: {t: statistics.fmean(v) for t, v in d.items()} for k, d in scores.items()}
 
 
+def history(src: Path) -> list[dict]:
+    """Every training record behind a model directory, oldest first: its own training.json, then
+    the one of each directory it was continued from (`--init-from`), down to a from-scratch run or an
+    installed model's recorded stages."""
+    record = json.loads((src / "training.json").read_text())
+    chain = record.get("stages", [record])
+    while chain[0]["args"].get("init_from") and "stages" not in record:
+        record = json.loads((Path(chain[0]["args"]["init_from"]) / "training.json").read_text())
+        chain = record.get("stages", [record]) + chain
+    return chain
+
+
+def where(stage: dict) -> str:
+    a = stage["args"]
+    if "hardware" in stage:
+        return stage["hardware"]
+    return "a GPU" if a.get("device") == "cuda" else f"{a.get('threads') or 2} CPU threads"
+
+
+def neutral_text(stage: dict, i: int) -> str:
+    """A stage of the neutral recipe (or any recipe but the first model's): its exact command, from
+    the recorded options, and what it did."""
+    a = stage["args"]
+    out, init = f"build/embedded-{i}", (f"build/embedded-{i - 1}/final" if a.get("init_from") else None)
+    planned = stage.get("planned_steps", stage["steps"])
+    cmd = train_embedded.command(a, out, init, stage["steps"] if stage["steps"] < planned else None)
+    weights = ", ".join(f"{k} x{v:g}" for k, v in (a.get("type_weights") or {}).items())
+    what = ("continuing the stage above" if init else f"from scratch ({a['vision_steps']} vision-only steps first)")
+    what += (f"; no token dropout; position-id gaps in {100 * a['pos_gaps']:.0f} % of conversations, "
+             f"the CLIP-like CLS objective x {a['cls_weight']:g}, grounding at decoder layer {a['ground_layer']} "
+             f"x {a['ground_weight']:g}; questions per conversation up to {a.get('max_turns', 4)}"
+             + (f"; question mix {weights} (others x1)" if weights else "")
+             + (f"; every answer turn weighs the same from full step {a.get('turn_mean_from', 0)}"
+                if a.get("turn_mean") else ""))
+    stop = f" (stopped by a time budget; {planned} planned)" if stage["steps"] < planned else ""
+    return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps{stop}, batch {a['batch']}, lr {a['lr']:g}, "
+            f"AdamW, warm-up then cosine, bf16 autocast, {stage['minutes']} minutes on {where(stage)}; {what}.\n")
+
+
 def stage_text(stage: dict, i: int) -> str:
     a = stage["args"]
+    if a.get("recipe", "legacy") != "legacy":
+        return neutral_text(stage, i)
     if not a.get("init_from"):
         cmd = (f"python -m tools.train_embedded --out build/train-embedded --vision-steps "
                f"{a['vision_steps']} --steps {a['steps']} --batch {a['batch']} --lr {a['lr']} "
@@ -84,15 +126,20 @@ def stage_text(stage: dict, i: int) -> str:
             f"cosine, bf16 autocast, {stage['minutes']} minutes on 2 CPU cores; {what}.\n")
 
 
-def card(result: dict, stages: list[dict], per_type: int, vocab_size) -> str:
+def card(result: dict, stages: list[dict], per_type: int, vocab_size, candidate: bool = False) -> str:
     rows = "".join(
         f"| {t} | {100 * result['model'][t]:.1f} | {100 * result['majority'][t]:.1f} | "
         f"{100 * result['blind'][t]:.1f} |\n" for t in syn.QUESTION_TYPES)
     history = "\n".join(stage_text(st, i + 1) for i, st in enumerate(stages))
+    role = ("A candidate for the harness's embedded default (not used unless a model entry names this\n"
+            "directory as its path), in training" if candidate else "It is the harness's embedded default")
+    legacy = all(st["args"].get("recipe", "legacy") == "legacy" for st in stages)
+    how = ("`make train-embedded` runs these in order; each resumes after an interruption" if legacy else
+           "each stage resumes after an interruption: rerun its command")
     return f"""# llava-tiny-shapes
 
 A 4 M-parameter LLaVA-1.5 (transformers `LlavaForConditionalGeneration`) trained from scratch on
-the project's synthetic `shapes` benchmark (train split). It is the harness's embedded default:
+the project's synthetic `shapes` benchmark (train split). {role}:
 the same code path as a 7B checkpoint, small enough for a laptop CPU.
 
 - Vision: CLIP ViT, 96 px images, 8 px patches (144 visual tokens + CLS), 4 layers x 128 wide,
@@ -102,7 +149,7 @@ the same code path as a 7B checkpoint, small enough for a laptop CPU.
 - Weights: float16 safetensors; load with `LlavaForConditionalGeneration.from_pretrained(dir)` and
   `AutoProcessor.from_pretrained(dir)`, offline.
 
-## Training (`make train-embedded` runs these in order; each resumes after an interruption)
+## Training ({how})
 
 {history}
 The auxiliary heads are not part of the saved model. `training.json` holds every stage's arguments
@@ -126,19 +173,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     src = Path(args.final_dir)
-    training = json.loads((src / "training.json").read_text())
-    stages = [training]
-    if training["args"].get("init_from"):  # a fine-tuning stage: prepend the installed model's history
-        previous = Path(training["args"]["init_from"]) / "training.json"
-        before = json.loads(previous.read_text())
-        stages = before.get("stages", [before]) + stages
+    stages = history(src)
     vocab_size = json.loads((src / "config.json").read_text())["text_config"]["vocab_size"]
     result = evaluate(str(src), args.per_type)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copy2(src / f, dest / f)
-    (dest / "README.md").write_text(card(result, stages, args.per_type, vocab_size))
+    candidate = dest.resolve() != Path(EMBEDDED_DIR).resolve()
+    (dest / "README.md").write_text(card(result, stages, args.per_type, vocab_size, candidate))
     (dest / "eval.json").write_text(json.dumps(result, indent=1))
     summary = {k: {t: round(v, 3) for t, v in d.items()} for k, d in result.items()}
     (dest / "training.json").write_text(json.dumps({"stages": stages}))

@@ -371,7 +371,7 @@ class Batches(torch.utils.data.IterableDataset):
             yield step, self.make(step)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", choices=tuple(RECIPES), default="legacy",
                     help="defaults for the options below (explicit options still win); neutral = issue 11's")
@@ -414,9 +414,51 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers making batches (default: 0 on CPU, 6 on a GPU)")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with the chosen recipe's defaults under the explicit ones."""
+    ap = parser()
     pre, _ = ap.parse_known_args(argv)
     ap.set_defaults(**RECIPES[pre.recipe])
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+# options that change neither the data nor the weights (where and how fast a run goes)
+NOT_IN_COMMAND = ("out", "threads", "workers", "eval_every", "eval_n", "ckpt_every", "max_minutes", "stop_step",
+                  "init_from", "recipe")
+
+
+def command(args: dict, out: str, init_from: str | None = None, stopped_at: int | None = None) -> str:
+    """The shortest command line that repeats a run recorded as `args` (vars of its options):
+    its recipe and every option that differs from that recipe's default, writing to `out`,
+    continuing `init_from`, and stopping where it stopped (`stopped_at`, for a run a time budget ended)."""
+    recipe = args.get("recipe", "legacy")
+    default = vars(parse_args(["--recipe", recipe]))
+    parts = ["python -m tools.train_embedded"] + ([f"--recipe {recipe}"] if recipe != "legacy" else [])
+    parts.append(f"--out {out}")
+    if init_from:
+        parts.append(f"--init-from {init_from}")
+    for key, value in args.items():
+        if key in NOT_IN_COMMAND or key not in default or value == default[key]:
+            continue
+        if key == "vision_steps" and init_from:  # a continued run has no vision stage
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "")
+        elif isinstance(value, dict):
+            parts.append(f"{flag} " + ",".join(f"{k}={v:g}" for k, v in value.items()))
+        else:
+            parts.append(f"{flag} {'none' if value is None else value}")
+    if stopped_at is not None:
+        parts.append(f"--stop-step {stopped_at}")
+    return " ".join(p for p in parts if p)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     if args.init_from:
@@ -548,7 +590,9 @@ def main(argv=None):
     model.save_pretrained(final)
     processor.save_pretrained(final)
     (final / "training.json").write_text(json.dumps(
-        {"args": vars(args), "steps": state["step"], "planned_steps": total, "minutes": round(state["seconds"] / 60, 1),
+        {"args": vars(args), "steps": state["step"], "planned_steps": total,
+         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU threads",
+         "minutes": round(state["seconds"] / 60, 1),
          "log": state["log"]}, indent=1))
     print(f"wrote {final}", flush=True)
 
