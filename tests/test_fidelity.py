@@ -50,3 +50,12 @@ def test_accuracy_is_explained_by_what_was_kept(device, capsys):
     diff = [r.score - b.score for r, b in zip(records["random"], base)]
     draws = np.random.default_rng(0).choice(diff, (1000, len(diff))).mean(1)
     assert np.percentile(draws, 97.5) < 0, "random selection is not clearly below the baseline"
+
+
+def test_inline_fidelity_runs_a_model_directory_without_mlflow():
+    names, rows, accuracy = fidelity.run_inline("embedded", TOKENS, 6, ["fastv:K=1", "oracle"])
+    assert names == ["fastv[K=1]", "oracle"] and set(accuracy) == {"baseline", *names}
+    assert len(rows) == 12 and all(0.0 <= v <= 1.0 and s in (0.0, 1.0) for _, v, s in rows)
+    oracle = [v for m, v, _ in rows if m == 1]
+    assert np.mean(oracle) > 0.9  # the oracle keeps (nearly all of) the question's objects
+    assert fidelity.method_entry("fastv:K=1,R=2") == {"name": "fastv", "settings": {"K": 1, "R": 2}}

@@ -7,6 +7,11 @@ miniature gives every method the same effect at equal coverage (within a few poi
 trained on some selection rule's patterns answers better from that rule's tokens.
 
     python -m tools.fidelity [--experiment default] [--tokens 16] [--tracking-uri sqlite:///mlflow.db] [--merged]
+    python -m tools.fidelity --model DIR [--tokens 16] [--samples 150] [--methods fastv:K=1 random oracle ...]
+
+`--model` runs the cells here instead (a model directory, e.g. a candidate before it has a twig or
+a sweep): the baseline and each method on the first --samples short-answer samples of the test
+split from 600 on (no test uses them), 3 new tokens each.
 
 Prints per method: samples, mean coverage, accuracy, and the effect at the mean coverage relative
 to the mean of the methods, with a 95 % bootstrap interval over samples.
@@ -81,13 +86,55 @@ def table(methods: list[str], rows, title: str) -> str:
     return "\n".join(out)
 
 
+NO_TWIG_METHODS = ("fastv:K=1", "sparsevlm", "visionzip", "random", "pool", "oracle")
+
+
+def method_entry(text: str):
+    """'fastv:K=1' -> an experiment's method entry ({'name': 'fastv', 'settings': {'K': 1}})."""
+    name, _, settings = text.partition(":")
+    if not settings:
+        return name
+    return {"name": name, "settings": {k: int(v) for k, v in (kv.split("=", 1) for kv in settings.split(","))}}
+
+
+def run_inline(model: str, tokens: int, samples: int, methods, merged: bool = False) -> tuple[list, list, dict]:
+    """(method names, rows of (method, coverage, score), accuracy per series incl. the baseline)."""
+    from harness.cell import run_cell
+    from harness.data import synthetic as syn
+    from harness.experiment import parse_experiment
+    from harness.models.adapter import load_model
+
+    adapter = load_model(model)
+    data = [s for s in (syn.make_sample("test", 600 + i) for i in range(samples * 6 // 5 + 6))
+            if s.qtype != "describe"][:samples]
+    inputs = [adapter.inputs(s.image, s.question) for s in data]
+    exp = parse_experiment({"experiment": "fidelity", "model": {"path": model}, "generation": {"max_new_tokens": 3},
+                            "timing": {"warmup": 0, "repeats": 1}, "budgets": [tokens],
+                            "methods": ["baseline", *map(method_entry, methods)]}, "fidelity")
+    records = {c.series: run_cell(adapter, c, data, inputs).records for c in exp.cells}
+    accuracy = {k: float(np.mean([r.score for r in v])) for k, v in records.items()}
+    names = [k for k in records if k != "baseline"]
+    rows = [(m, v, r.score) for m, name in enumerate(names) for r in records[name]
+            if (v := coverage(r, tokens, merged)) is not None]
+    return names, rows, accuracy
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="default")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     ap.add_argument("--merged", action="store_true", help="patches merged into a kept token count as kept")
+    ap.add_argument("--model", default=None, help="run the cells here on this model directory (no MLflow)")
+    ap.add_argument("--samples", type=int, default=150, help="with --model: short-answer samples per method")
+    ap.add_argument("--methods", nargs="+", default=list(NO_TWIG_METHODS),
+                    help="with --model: NAME or NAME:SETTING=INT,... (twigvlm needs the model's twig)")
     args = ap.parse_args(argv)
+    if args.model:
+        names, rows, accuracy = run_inline(args.model, args.tokens, args.samples, args.methods, args.merged)
+        print(table(names, rows, f"{args.model}, {args.tokens} tokens, {args.samples} samples"))
+        print("accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items()))
+        return
     sweep = load_sweep(args.experiment, args.tracking_uri)
     cells = [c for c in sweep.cells if c.budgeted and c.tokens == args.tokens and not c.ssd and c.dataset == "shapes"]
     methods, rows = [], []
