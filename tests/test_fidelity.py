@@ -7,10 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from harness.cell import run_cell
-from harness.data import synthetic as syn
-from harness.experiment import parse_experiment
-from harness.models.adapter import load_model
 from tools import fidelity
 
 TOKENS = 16
@@ -24,22 +20,10 @@ N = int(os.environ.get("TWIGBENCH_FIDELITY_N", 300))  # short-answer samples (te
                                        "points at equal coverage) and worse from TwigVLM's (-10); the neutral recipe "
                                        "(make train-neutral) is its replacement")
 def test_accuracy_is_explained_by_what_was_kept(device, capsys):
-    adapter = load_model("embedded", device=str(device))
-    samples = [s for s in (syn.make_sample("test", 600 + i) for i in range(N * 6 // 5 + 6)) if s.qtype != "describe"][:N]
-    inputs = [adapter.inputs(s.image, s.question) for s in samples]
-    exp = parse_experiment({"experiment": "fidelity",
-                            "generation": {"max_new_tokens": 3}, "timing": {"warmup": 0, "repeats": 1},
-                            "budgets": [TOKENS], "methods": ["baseline", *METHODS]}, "fidelity")
-    records = {c.series: run_cell(adapter, c, samples, inputs).records for c in exp.cells}
+    names, rows, records = fidelity.run_inline("embedded", TOKENS, N, METHODS, device=str(device))
     base = records.pop("baseline")
-    names, rows = list(records), []
-    for m, name in enumerate(names):
-        for r in records[name]:
-            v = fidelity.coverage(r, TOKENS)
-            if v is not None:
-                rows.append((m, v, r.score))
     point, lo, hi, _ = fidelity.effects(rows, len(names))
-    acc = {k: np.mean([r.score for r in v]) for k, v in records.items()} | {"baseline": np.mean([r.score for r in base])}
+    acc = fidelity.accuracy(records | {"baseline": base})
     with capsys.disabled():
         print("\n" + fidelity.table(names, rows, f"embedded, {TOKENS} tokens, {N} samples per method"))
         print("accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
@@ -53,8 +37,8 @@ def test_accuracy_is_explained_by_what_was_kept(device, capsys):
 
 
 def test_inline_fidelity_runs_a_model_directory_without_mlflow():
-    names, rows, accuracy = fidelity.run_inline("embedded", TOKENS, 6, ["fastv:K=1", "oracle"])
-    assert names == ["fastv[K=1]", "oracle"] and set(accuracy) == {"baseline", *names}
+    names, rows, records = fidelity.run_inline("embedded", TOKENS, 6, ["fastv:K=1", "oracle"])
+    assert names == ["fastv[K=1]", "oracle"] and set(fidelity.accuracy(records)) == {"baseline", *names}
     assert len(rows) == 12 and all(0.0 <= v <= 1.0 and s in (0.0, 1.0) for _, v, s in rows)
     oracle = [v for m, v, _ in rows if m == 1]
     assert np.mean(oracle) > 0.9  # the oracle keeps (nearly all of) the question's objects

@@ -97,26 +97,32 @@ def method_entry(text: str):
     return {"name": name, "settings": {k: int(v) for k, v in (kv.split("=", 1) for kv in settings.split(","))}}
 
 
-def run_inline(model: str, tokens: int, samples: int, methods, merged: bool = False) -> tuple[list, list, dict]:
-    """(method names, rows of (method, coverage, score), accuracy per series incl. the baseline)."""
+def run_inline(model: str, tokens: int, samples: int, methods, merged: bool = False,
+               device: str | None = None) -> tuple[list, list, dict]:
+    """(method names, rows of (method, coverage, score), records per series incl. the baseline's).
+    Methods are experiment entries or NAME:SETTING=INT,... strings."""
     from harness.cell import run_cell
     from harness.data import synthetic as syn
     from harness.experiment import parse_experiment
     from harness.models.adapter import load_model
 
-    adapter = load_model(model)
+    adapter = load_model(model, device=device)
     data = [s for s in (syn.make_sample("test", 600 + i) for i in range(samples * 6 // 5 + 6))
             if s.qtype != "describe"][:samples]
     inputs = [adapter.inputs(s.image, s.question) for s in data]
     exp = parse_experiment({"experiment": "fidelity", "model": {"path": model}, "generation": {"max_new_tokens": 3},
                             "timing": {"warmup": 0, "repeats": 1}, "budgets": [tokens],
-                            "methods": ["baseline", *map(method_entry, methods)]}, "fidelity")
+                            "methods": ["baseline", *(method_entry(m) if isinstance(m, str) else m for m in methods)]},
+                           "fidelity")
     records = {c.series: run_cell(adapter, c, data, inputs).records for c in exp.cells}
-    accuracy = {k: float(np.mean([r.score for r in v])) for k, v in records.items()}
     names = [k for k in records if k != "baseline"]
     rows = [(m, v, r.score) for m, name in enumerate(names) for r in records[name]
             if (v := coverage(r, tokens, merged)) is not None]
-    return names, rows, accuracy
+    return names, rows, records
+
+
+def accuracy(records: dict) -> dict[str, float]:
+    return {k: float(np.mean([r.score for r in v])) for k, v in records.items()}
 
 
 def main(argv=None) -> None:
@@ -131,9 +137,9 @@ def main(argv=None) -> None:
                     help="with --model: NAME or NAME:SETTING=INT,... (twigvlm needs the model's twig)")
     args = ap.parse_args(argv)
     if args.model:
-        names, rows, accuracy = run_inline(args.model, args.tokens, args.samples, args.methods, args.merged)
+        names, rows, records = run_inline(args.model, args.tokens, args.samples, args.methods, args.merged)
         print(table(names, rows, f"{args.model}, {args.tokens} tokens, {args.samples} samples"))
-        print("accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items()))
+        print("accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy(records).items()))
         return
     sweep = load_sweep(args.experiment, args.tracking_uri)
     cells = [c for c in sweep.cells if c.budgeted and c.tokens == args.tokens and not c.ssd and c.dataset == "shapes"]
