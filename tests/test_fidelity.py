@@ -43,3 +43,5 @@ def test_inline_fidelity_runs_a_model_directory_without_mlflow():
     oracle = [v for m, v, _ in rows if m == 1]
     assert np.mean(oracle) > 0.9  # the oracle keeps (nearly all of) the question's objects
     assert fidelity.method_entry("fastv:K=1,R=2") == {"name": "fastv", "settings": {"K": 1, "R": 2}}
+    with pytest.raises(SystemExit, match="'K' of 'fastv:K': expected NAME=INT"):
+        fidelity.method_entry("fastv:K")

@@ -94,7 +94,13 @@ def method_entry(text: str):
     name, _, settings = text.partition(":")
     if not settings:
         return name
-    return {"name": name, "settings": {k: int(v) for k, v in (kv.split("=", 1) for kv in settings.split(","))}}
+    out = {}
+    for kv in settings.split(","):
+        key, eq, value = kv.partition("=")
+        if not eq or not value.lstrip("-").isdigit():
+            raise SystemExit(f"method setting {kv!r} of {text!r}: expected NAME=INT, e.g. fastv:K=1")
+        out[key] = int(value)
+    return {"name": name, "settings": out}
 
 
 def run_inline(model: str, tokens: int, samples: int, methods, merged: bool = False,
