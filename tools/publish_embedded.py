@@ -74,7 +74,7 @@ def where(stage: dict) -> str:
     a = stage["args"]
     if "hardware" in stage:
         return stage["hardware"]
-    return "a GPU" if a.get("device") == "cuda" else f"{a.get('threads') or 2} CPU threads"
+    return "a GPU" if a.get("device") == "cuda" else f"{a['threads']} CPU threads"
 
 
 def neutral_text(stage: dict, i: int) -> str:

@@ -101,14 +101,20 @@ def kernel_ms(fn, device) -> float:
     if device.type != "cuda":
         return float("nan")
     from torch.autograd import DeviceType
+
+    us = sum(e.device_time_total for e in profiled(fn, device) if e.device_type == DeviceType.CUDA)
+    return us / 1e3
+
+
+def profiled(fn, device):
+    """The profiler's events (host ops and GPU kernels) of one call of `fn`, synchronised on both ends."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         sync(device)
-    us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
-    return us / 1e3
+    return prof.events()
 
 
 def idle_gaps(kernels, host, top: int = 6, min_us: float = 20.0) -> dict:
@@ -147,18 +153,13 @@ def prefill_gaps(adapter: ModelAdapter, rows, sample, x, engine: str) -> None:
     """Table 1's wall/kernel ratio taken apart (CUDA only): for one prefill per method, the GPU's
     idle time between its kernels and the largest gaps with the host ops that ran meanwhile."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     set_regime(adapter, engine)
     print(f"\nidle GPU inside one prefill, engine {engine} (profiler; vision included, its kernels count as busy)")
     with torch.no_grad():
         for name, b, m in rows:
             prefill(adapter, x["input_ids"], x["pixel_values"], m, sample)  # warm (captured already)
-            sync(adapter.device)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                prefill(adapter, x["input_ids"], x["pixel_values"], m, sample)
-                sync(adapter.device)
-            ev = prof.events()
+            ev = profiled(lambda: prefill(adapter, x["input_ids"], x["pixel_values"], m, sample), adapter.device)
             kernels = [(e.time_range.start, e.time_range.end, e.name) for e in ev if e.device_type == DeviceType.CUDA]
             host = [(e.time_range.start, e.time_range.end, e.name) for e in ev
                     if e.device_type == DeviceType.CPU and not e.name.startswith("cuda")]
