@@ -15,6 +15,30 @@ def test_samples_are_deterministic_by_split_and_index():
     assert np.asarray(syn.make_sample("val", 7).image).tobytes() != np.asarray(a.image).tobytes()
 
 
+def test_a_training_canvas_stretches_the_grid_and_keeps_the_objects_sizes():
+    for index in range(12):
+        image, turns, objects, _ = syn.make_conversation(index, size=(120, 72))
+        assert image.size == (120, 72) and len(objects[0].patch_pixels) == 15 * 9
+        for o in objects:  # each object's pixels sit in its cell of the stretched 3x3 grid
+            pix = o.patch_pixels.reshape(9, 15)
+            ys, xs = np.nonzero(pix)
+            cy = (ys * pix[ys, xs]).sum() / pix.sum() * 8 + 4
+            cx = (xs * pix[ys, xs]).sum() / pix.sum() * 8 + 4
+            row, col = divmod(o.cell, syn.GRID)
+            assert int(cx // 40) == col and int(cy // 24) == row, (index, o)
+    share, area = {}, {}  # objects keep their pixel sizes: a larger canvas adds background patches only
+    for size in ((72, 72), (96, 96), (120, 120)):
+        objs = [syn.make_conversation(i, size=size)[2] for i in range(40)]
+        share[size] = np.mean([(sum(o.patch_pixels for o in ob) == 0).mean() for ob in objs])
+        area[size] = {(o.shape, o.size): o.patch_pixels.sum() for ob in objs for o in ob if o.kind == "shape"}
+    assert area[(120, 120)] == area[(96, 96)] and len(area[(96, 96)]) == 8
+    for key, pixels in area[(72, 72)].items():  # 24-pixel cells: a 25-pixel shape at the border loses a row
+        assert 0.9 * area[(96, 96)][key] <= pixels <= area[(96, 96)][key], key
+    assert share[(72, 72)] + 0.1 < share[(96, 96)] < share[(120, 120)] - 0.05, share
+    with pytest.raises(ValueError, match="canvas 100x96.*multiples of the 8-pixel patch"):
+        syn.make_conversation(0, size=(100, 96))
+
+
 def test_question_types_cycle_and_answers_are_balanced():
     samples = load_samples("shapes", "test", samples_per_type=100)
     by_type = collections.defaultdict(collections.Counter)

@@ -73,6 +73,40 @@ def test_single_turn_batches_hold_one_question_each():
     assert (ids4 == assistant).sum(1).max() > 1  # the default mixes in follow-up questions
 
 
+def test_canvas_batches_hold_every_token_of_a_stretched_canvas():
+    import argparse
+
+    import pytest
+
+    assert te.canvas_of(3, 0, None) == (96, 96)
+    drawn = {te.canvas_of(step, 0, [72, 96, 120]) for step in range(40)}
+    assert drawn <= {(w, h) for w in (72, 96, 120) for h in (72, 96, 120)} and len(drawn) > 4
+    assert te.canvas_of(11, 0, [72, 120]) == te.canvas_of(11, 0, [72, 120])  # a step's canvas is fixed
+    tok = embedded.build_processor().tokenizer
+    config = embedded.build_config()
+    pv, ids, labels, weights, mask, patch, keep = te.batch_of(4, 3, tok, config.image_token_id, 0, size=(72, 120))
+    n = 9 * 15
+    assert pv.shape == (3, 3, 120, 72) and keep is None
+    assert (ids == config.image_token_id).sum(1).eq(n).all()
+    assert patch["color"].shape == (3, n) and patch["ground"].shape[1] == n + 1
+    assert torch.allclose(patch["ground"].sum(1), torch.ones(len(patch["ground"])))
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        feats = te.vision_features(model, pv)
+        square = te.vision_features(model, torch.zeros(1, 3, 96, 96))  # the tower's own size: no interpolation
+    assert feats.shape == (3, n, config.vision_config.hidden_size) and square.shape[1] == 144
+    with pytest.raises(ValueError, match="visual dropout needs the 96 x 96 canvas"):
+        te.batch_of(4, 2, tok, config.image_token_id, 0, drop=True, size=(72, 72))
+    for bad in ("72,100", "16", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="canvas side|integers"):
+            te.parse_sides(bad)
+    with pytest.raises(SystemExit):  # the legacy recipe's visual dropout is built for 96 x 96
+        te.parse_args(["--canvas-sides", "72,96"])
+
+
 def test_stop_step_ends_a_run_early_with_a_final_model_and_its_record(tmp_path):
     import json
 
@@ -87,7 +121,7 @@ def test_stop_step_ends_a_run_early_with_a_final_model_and_its_record(tmp_path):
 def test_a_recorded_run_renders_as_a_command_that_repeats_it():
     argv = ["--recipe", "neutral", "--out", "x", "--steps", "2600", "--lr", "5e-4", "--pos-gaps", "0",
             "--type-weights", "count=3,exist=2", "--max-turns", "1", "--device", "cuda", "--threads", "7",
-            "--init-from", "somewhere/final"]
+            "--init-from", "somewhere/final", "--canvas-sides", "72,96,120"]
     recorded = vars(te.parse_args(argv))
     cmd = te.command(recorded, "build/embedded-2", "build/embedded-1/final", stopped_at=900)
     words = cmd.split()

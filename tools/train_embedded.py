@@ -20,6 +20,13 @@ selects is ever shown in training) and adds, all training-only:
   alone);
 - binding question forms weighed up (count, exist, position x2) and every answer turn weighing
   the same (--turn-mean).
+`--canvas-sides 72,80,...` draws each batch's canvas
+width and height from the list: the 3x3 grid stretches, objects keep their pixel sizes, so the
+number of background tokens varies from batch to batch while every token of the image is kept.
+A decoder that has only seen 144 tokens reads its evidence as shares of the image (it answers
+"three" from the one square's patches when the background is gone); one that has seen the
+background's share vary must read it in absolute terms. No method's selection is mimicked: no
+token of an image is ever removed, and no image is downsampled (the pooling control's inputs).
 
 Two stages, both resumable from `<out>/ckpt.pt` (written every --ckpt-every steps; rerun the same
 command after an interruption):
@@ -116,8 +123,9 @@ def grounding_target(question: str, answer: str, hits: list[int], objects) -> np
     None for a question about the whole image (a description)."""
     if question.startswith("describe"):
         return None
-    out = np.zeros(syn.NUM_PATCHES + 1, dtype=np.float32)
-    rel = sum((objects[i].patch_pixels for i in hits), np.zeros(syn.NUM_PATCHES, np.float32))
+    n = len(objects[0].patch_pixels)  # the canvas's patches
+    out = np.zeros(n + 1, dtype=np.float32)
+    rel = sum((objects[i].patch_pixels for i in hits), np.zeros(n, np.float32))
     if answer == "no" or rel.sum() == 0:
         out[-1] = 1.0
     else:
@@ -212,13 +220,26 @@ def object_keep(relevance: np.ndarray, g: torch.Generator) -> torch.Tensor:
     return keep
 
 
+def canvas_of(step: int, seed: int, sides) -> tuple[int, int]:
+    """The (width, height) of one batch's images: each side drawn from `sides` (None: 96 x 96)."""
+    if not sides:
+        return syn.IMAGE_SIZE, syn.IMAGE_SIZE
+    rng = random.Random(f"canvas-{seed}-{step}")
+    return rng.choice(sides), rng.choice(sides)
+
+
 def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop: bool = False,
-             object_drop: float = 0.0, type_weights=None, turn_mean: bool = False, max_turns: int = 4):
-    """One training batch. With `drop`, rows lose visual tokens (see visual_dropout); of the rows
-    that do, a fraction `object_drop` instead keeps an oracle-like subset around the first
-    question's objects (object_keep) and is cut to that one question."""
+             object_drop: float = 0.0, type_weights=None, turn_mean: bool = False, max_turns: int = 4,
+             size: tuple[int, int] = (syn.IMAGE_SIZE, syn.IMAGE_SIZE)):
+    """One training batch, every image on a `size` canvas (width, height). With `drop`, rows lose
+    visual tokens (see visual_dropout); of the rows that do, a fraction `object_drop` instead keeps
+    an oracle-like subset around the first question's objects (object_keep) and is cut to that one
+    question."""
+    if drop and tuple(size) != (syn.IMAGE_SIZE, syn.IMAGE_SIZE):
+        raise ValueError(f"visual dropout needs the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas, got {size}")
     convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, max_turns=max_turns,
-                                   type_weights=type_weights) for b in range(batch)]
+                                   type_weights=type_weights, size=size) for b in range(batch)]
+    n_image = (size[0] // syn.PATCH) * (size[1] // syn.PATCH)
     keep = visual_dropout(step, batch, syn.NUM_PATCHES, seed) if drop else None
     if drop and object_drop > 0:
         g = torch.Generator().manual_seed(seed * 7_000_009 + step)
@@ -230,7 +251,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     images, seqs, labs, wts, patch = [], [], [], [], {k: [] for k in ("color", "shape", "letter")}
     image_targets, queries, ground = [], [], []
     for b, (image, turns, objects, relevant) in enumerate(convs):
-        ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, syn.NUM_PATCHES, turn_mean)
+        ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, n_image, turn_mean)
         images.append(image)
         seqs.append(ids)
         labs.append(lab)
@@ -256,14 +277,16 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     patch = {k: torch.from_numpy(np.stack(v)) for k, v in patch.items()}
     patch["image"] = torch.from_numpy(np.stack(image_targets))
     patch["queries"] = torch.tensor(queries, dtype=torch.long).view(-1, 2)
-    patch["ground"] = torch.from_numpy(np.stack(ground)) if ground else torch.zeros(0, syn.NUM_PATCHES + 1)
+    patch["ground"] = torch.from_numpy(np.stack(ground)) if ground else torch.zeros(0, n_image + 1)
     return pixels(images), input_ids, labels, weights, mask, patch, keep
 
 
 def vision_features(model, pixel_values, pooled: bool = False):
     """The projector's input (feature layer, CLS dropped); with `pooled` also the last layer's
-    post-layernorm CLS (the CLIP-like objective's input)."""
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    post-layernorm CLS (the CLIP-like objective's input). A canvas other than the tower's own size
+    gets CLIP's position embeddings interpolated to its patch grid."""
+    other = tuple(pixel_values.shape[-2:]) != (syn.IMAGE_SIZE, syn.IMAGE_SIZE)
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True, interpolate_pos_encoding=other)
     feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
     return (feats, out.pooler_output) if pooled else feats
 
@@ -328,6 +351,19 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def parse_sides(text: str) -> list[int]:
+    """'72,96,120' -> [72, 96, 120]: canvas sides in pixels, multiples of the patch."""
+    try:
+        sides = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"canvas sides must be integers separated by commas, got {text!r}")
+    bad = [v for v in sides if v < 3 * syn.PATCH or v % syn.PATCH]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"canvas side {bad[0]} of {text!r}: sides must be multiples of {syn.PATCH} from {3 * syn.PATCH} up")
+    return sides
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -404,6 +440,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cls-weight", type=float, default=0.0, help="weight of the CLIP-like CLS objective")
     ap.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss")
     ap.add_argument("--ground-layer", type=int, default=8, help="decoder layer whose output the grounding loss reads")
+    ap.add_argument("--canvas-sides", type=parse_sides, default=None,
+                    help="e.g. 72,80,88,96,104,112,120: each batch's canvas width and height drawn from these "
+                         "(objects keep their pixel sizes, so the background's share of the tokens varies; "
+                         "every token of the image is kept); default 96 x 96")
     ap.add_argument("--max-turns", type=int, default=4,
                     help="questions per training conversation, at most (1: single-turn, no answer in context)")
     ap.add_argument("--max-minutes", type=float, default=None,
@@ -422,7 +462,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = parser()
     pre, _ = ap.parse_known_args(argv)
     ap.set_defaults(**RECIPES[pre.recipe])
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.canvas_sides and args.drop_from is not None:
+        ap.error(f"--canvas-sides {','.join(map(str, args.canvas_sides))} needs --drop-from none "
+                 f"(visual dropout is built for the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas)")
+    return args
 
 
 # options that change neither the data nor the weights (where and how fast a run goes)
@@ -450,6 +494,8 @@ def command(args: dict, out: str, init_from: str | None = None, stopped_at: int 
             parts.append(flag if value else "")
         elif isinstance(value, dict):
             parts.append(f"{flag} " + ",".join(f"{k}={v:g}" for k, v in value.items()))
+        elif isinstance(value, list):
+            parts.append(f"{flag} " + ",".join(map(str, value)))
         else:
             parts.append(f"{flag} {'none' if value is None else value}")
     if stopped_at is not None:
@@ -522,7 +568,7 @@ def main(argv=None):
         return batch_of(step, args.batch * (2 if vision_only else 1), tok, config.image_token_id, args.seed,
                         drop=drop, object_drop=args.object_drop, type_weights=args.type_weights,
                         turn_mean=args.turn_mean and step - args.vision_steps >= args.turn_mean_from,
-                        max_turns=args.max_turns)
+                        max_turns=args.max_turns, size=canvas_of(step, args.seed, args.canvas_sides))
 
     batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
                                           num_workers=workers, prefetch_factor=4 if workers else None)

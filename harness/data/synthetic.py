@@ -56,7 +56,7 @@ class SceneObject:
     shape: str  # shape name; "letter" for letters
     size: str = ""  # "small"/"large" for shapes
     letter: str = ""
-    patch_pixels: np.ndarray = field(default=None, repr=False)  # (144,) pixels covered per patch
+    patch_pixels: np.ndarray = field(default=None, repr=False)  # (144,) pixels covered per patch (canvas's patches)
 
     @property
     def position(self) -> str:
@@ -115,8 +115,9 @@ def _font():
     return _FONT
 
 
-def _shape_mask(shape: str, side: int, cx: int, cy: int) -> Image.Image:
-    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+def _shape_mask(shape: str, side: int, cx: int, cy: int, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+                ) -> Image.Image:
+    mask = Image.new("L", size, 0)
     d = ImageDraw.Draw(mask)
     h = side / 2
     box = (cx - h, cy - h, cx + h - 1, cy + h - 1)
@@ -135,8 +136,8 @@ def _shape_mask(shape: str, side: int, cx: int, cy: int) -> Image.Image:
     return mask
 
 
-def _letter_mask(letter: str, cx: int, cy: int) -> Image.Image:
-    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+def _letter_mask(letter: str, cx: int, cy: int, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> Image.Image:
+    mask = Image.new("L", size, 0)
     d = ImageDraw.Draw(mask)
     text = letter.upper()
     left, top, right, bottom = d.textbbox((0, 0), text, font=_font())
@@ -146,32 +147,42 @@ def _letter_mask(letter: str, cx: int, cy: int) -> Image.Image:
 
 def _patch_pixels(mask: Image.Image) -> np.ndarray:
     m = (np.asarray(mask) > 127).astype(np.float32)
-    return m.reshape(PATCHES_PER_SIDE, PATCH, PATCHES_PER_SIDE, PATCH).sum(axis=(1, 3)).reshape(-1)
+    h, w = m.shape
+    return m.reshape(h // PATCH, PATCH, w // PATCH, PATCH).sum(axis=(1, 3)).reshape(-1)
 
 
-def render_scene(rng: random.Random) -> tuple[Image.Image, list[SceneObject]]:
-    """Draw a random scene: 2-4 shapes with distinct (colour, shape) pairs and one letter."""
+def render_scene(rng: random.Random, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+                 ) -> tuple[Image.Image, list[SceneObject]]:
+    """Draw a random scene: 2-4 shapes with distinct (colour, shape) pairs and one letter.
+
+    `size` (width, height; multiples of PATCH, training only) changes the canvas, not the
+    objects: the 3x3 grid of cells stretches over it while shapes and letters keep their pixel
+    sizes, so a larger canvas has more background patches and the same object patches."""
+    width, height = size
+    if width % PATCH or height % PATCH:
+        raise ValueError(f"canvas {width}x{height}: sides must be multiples of the {PATCH}-pixel patch")
     n_shapes = rng.randint(2, 4)
     cells = rng.sample(range(GRID * GRID), n_shapes + 1)
     pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n_shapes)
     shade = rng.randint(20, 60)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (height, width, 3))
     canvas = np.clip(shade + noise, 0, 255)
+    cell_w, cell_h = width // GRID, height // GRID
     objects = []
     for k, cell in enumerate(cells):
         row, col = divmod(cell, GRID)
-        jitter = CELL // 2 - 13
-        cx = col * CELL + CELL // 2 + rng.randint(-jitter, jitter)
-        cy = row * CELL + CELL // 2 + rng.randint(-jitter, jitter)
+        jx, jy = max(0, cell_w // 2 - 13), max(0, cell_h // 2 - 13)
+        cx = col * cell_w + cell_w // 2 + rng.randint(-jx, jx)
+        cy = row * cell_h + cell_h // 2 + rng.randint(-jy, jy)
         if k < n_shapes:
             color, shape = pairs[k]
-            size = rng.choice(tuple(SIZES))
-            mask = _shape_mask(shape, SIZES[size], cx, cy)
-            obj = SceneObject("shape", cell, color, shape, size=size)
+            size_word = rng.choice(tuple(SIZES))
+            mask = _shape_mask(shape, SIZES[size_word], cx, cy, size)
+            obj = SceneObject("shape", cell, color, shape, size=size_word)
             rgb = COLORS[color]
         else:
             letter = rng.choice(LETTERS)
-            mask = _letter_mask(letter, cx, cy)
+            mask = _letter_mask(letter, cx, cy, size)
             obj = SceneObject("letter", cell, "white", "letter", letter=letter)
             rgb = (245, 245, 245)
         m = (np.asarray(mask) > 127)[..., None]
@@ -247,16 +258,18 @@ def make_sample(split: str, index: int, qtype: str | None = None) -> Sample:
     return Sample(f"{split}-{index}", image, question, answer, qtype, objects, relevant)
 
 
-def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, float] | None = None
+def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, float] | None = None,
+                      size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
                       ) -> tuple[Image.Image, list[tuple[str, str]], list[SceneObject], list[list[int]]]:
     """A training conversation: one scene, several independent questions (for training only).
 
     Returns the image, the (question, answer) turns, the objects and, per turn, the indices of the
     objects that turn is about. `type_weights` (question type -> relative frequency, 1 when not
-    named) skews the mix of question types; None draws them uniformly.
+    named) skews the mix of question types; None draws them uniformly. `size` is the canvas
+    (render_scene); the objects' patch_pixels then hold (width/8) x (height/8) patches.
     """
     rng = random.Random(f"train-conv-{index}")
-    image, objects = render_scene(rng)
+    image, objects = render_scene(rng, size)
     weights = None if type_weights is None else [type_weights.get(t, 1.0) for t in QUESTION_TYPES]
     turns, relevant = [], []
     for _ in range(rng.randint(1, max_turns)):
