@@ -1,0 +1,47 @@
+"""tools.diagnose_embedded: its decoding matches transformers' generate, its conditions collapse to
+the full image when every token is kept, and its probe reads what is linearly there and only that."""
+import torch
+
+from harness.data import synthetic as syn
+from harness.models import embedded
+from tools import diagnose_embedded as de
+
+
+def test_answer_with_every_token_is_transformers_greedy_decoding(tiny_llava_dir):
+    model, processor = de.load(tiny_llava_dir)
+    for i in range(3):
+        s = syn.make_sample("val", i)
+        x = processor(images=s.image, text=embedded.prompt(s.question), return_tensors="pt")
+        ref = model.generate(**x, max_new_tokens=3, do_sample=False)[0, x["input_ids"].shape[1]:]
+        ref = processor.tokenizer.decode([t for t in ref.tolist() if t != processor.tokenizer.eos_token_id],
+                                         skip_special_tokens=True)
+        _, proj = de.visual_features(model, processor, s.image)
+        assert de.answer(model, processor.tokenizer, s.question, proj, torch.arange(len(proj))) == ref
+
+
+def test_fill_conditions_equal_the_full_image_when_every_token_is_kept(tiny_llava_dir, capsys):
+    model, processor = de.load(tiny_llava_dir)
+    out = de.fill(model, processor, syn.NUM_PATCHES, 4)
+    full = [p for _, p, _ in out["full"]]
+    for c in ("oracle kept", "oracle kept+fill", "random kept", "random kept+fill"):
+        assert [p for _, p, _ in out[c]] == full, c
+    de.main(["fill", "--model", tiny_llava_dir, "--tokens", "8", "--samples", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + len(de.CONDITIONS) and lines[2].startswith("full")
+
+
+def test_linear_probe_reads_separable_labels_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (600,), generator=g)
+    x = torch.randn(600, 16, generator=g)
+    signal = x.clone()
+    signal[:, :4] += 4 * torch.nn.functional.one_hot(y, 4)
+    assert de.linear_probe(signal, y) > 0.95
+    assert de.linear_probe(x, y) < 0.4  # chance is 0.25
+
+
+def test_probe_names_every_stage(tiny_llava_dir):
+    model, processor = de.load(tiny_llava_dir)
+    table = de.probe(model, processor, 4)
+    assert list(table)[:2] == ["tower", "projector"] and "decoder layer 3" in table
+    assert all(0.0 <= v <= 1.0 for row in table.values() for v in row.values())

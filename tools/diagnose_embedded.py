@@ -1,0 +1,183 @@
+"""Why does an embedded model fail? Two checks behind issue 11's recipe changes.
+
+    python -m tools.diagnose_embedded probe --model DIR [--samples 80]
+    python -m tools.diagnose_embedded fill --model DIR [--tokens 16] [--samples 120]
+
+`probe`: can a linear classifier read each object patch's colour, shape and letter from the
+tower's features, the projector's output and the decoder's states at the visual tokens? Held-out
+accuracy per stage (70/30 split over patches, samples from test 700 on). A stage where one falls
+is where the model loses it: the neutral candidate's projector dropped colour (1.00 -> 0.65), and
+the model answered "orange" for every colour.
+
+`fill`: at --tokens kept visual tokens, chosen as the oracle control chooses (the question's
+objects first: Sample.patch_priority) or at random, is a wrong answer for want of evidence or for
+the shorter sequence? Each is run twice: `kept` (the other tokens removed, the kept ones at their
+own positions, as a pruning method leaves them) and `kept+fill` (every position present, the
+removed ones holding the features of an empty canvas of the scene's background shade). If
+kept+fill answers as the full image does while kept does not, the evidence was there and the
+model breaks on the shorter sequence; `blank` (the empty canvas's features at the random
+selection's positions) is the floor.
+
+Both run the model's own modules in float32 on the CPU; 3 new tokens, greedy, no cache.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+from harness.data import synthetic as syn
+from harness.models import embedded
+
+PATCH_FIELDS = ("color", "shape", "letter")
+
+
+def load(path: str):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return model, embedded.build_processor()
+
+
+@torch.no_grad()
+def visual_features(model, processor, image) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tower features at the feature layer, projector output), each (patches, dim)."""
+    pv = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    feats = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[
+        model.config.vision_feature_layer][0, 1:]
+    return feats, model.model.multi_modal_projector(feats)
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> float:
+    """Held-out accuracy of a softmax-linear classifier (first 70 % of rows to fit, the rest to test)."""
+    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    fit = torch.arange(len(y)) < int(0.7 * len(y))
+    w = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(x[fit] @ w, y[fit]).backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((x[~fit] @ w).argmax(1) == y[~fit]).float().mean())
+
+
+def probe(model, processor, samples: int, start: int = 700) -> dict[str, dict[str, float]]:
+    """{stage: {field: held-out accuracy}} over the object patches of `samples` test images."""
+    layers = model.config.text_config.num_hidden_layers
+    picks = sorted({0, 2, layers // 2, layers - 1})
+    stages = {"tower": [], "projector": [], **{f"decoder layer {i}": [] for i in picks}}
+    labels = {f: [] for f in PATCH_FIELDS}
+    with torch.no_grad():
+        for i in range(start, start + samples):
+            s = syn.make_sample("test", i)
+            x = processor(images=s.image, text=embedded.prompt(s.question), return_tensors="pt")
+            out = model(**x, output_hidden_states=True)
+            feats, proj = visual_features(model, processor, s.image)
+            is_image = x["input_ids"][0] == model.config.image_token_id
+            stages["tower"].append(feats)
+            stages["projector"].append(proj)
+            for layer in picks:
+                stages[f"decoder layer {layer}"].append(out.hidden_states[layer + 1][0][is_image])
+            for f, v in syn.patch_labels(s.objects).items():
+                labels[f].append(torch.from_numpy(v))
+    labels = {f: torch.cat(v) for f, v in labels.items()}
+    on_object = labels["color"] > 0
+    return {stage: {f: linear_probe(torch.cat(rows)[on_object], labels[f][on_object]) for f in PATCH_FIELDS}
+            for stage, rows in stages.items()}
+
+
+def blank_like(image: Image.Image, seed: int = 0) -> Image.Image:
+    """An empty canvas of the image's background shade (its median pixel) with the scene's noise."""
+    shade = float(np.median(np.asarray(image, dtype=np.float32)))
+    noise = np.random.default_rng(seed).normal(0, 6, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(shade + noise, 0, 255).astype(np.uint8))
+
+
+@torch.no_grad()
+def answer(model, tokenizer, question: str, visual: torch.Tensor, positions: torch.Tensor,
+           new_tokens: int = 3, n_image: int = syn.NUM_PATCHES) -> str:
+    """Greedy answer with `visual` (m, dim) projected tokens at image slots `positions` (m,) of the
+    image's `n_image`; the text after the image starts where the whole image would end."""
+    ids = tokenizer(embedded.prompt(question), return_tensors="pt")["input_ids"][0]
+    first = int((ids == model.config.image_token_id).nonzero().flatten()[0])  # the prompt's one <image>
+    before, after = ids[:first], ids[first + 1:]
+    embed = model.get_input_embeddings()
+    emb = torch.cat([embed(before), visual, embed(after)])
+    pos = torch.cat([torch.arange(first), first + positions, first + n_image + torch.arange(len(after))])
+    out = []
+    for _ in range(new_tokens):
+        h = model.model.language_model(inputs_embeds=emb[None], position_ids=pos[None]).last_hidden_state
+        t = int(model.lm_head(h[0, -1]).argmax())
+        if t == tokenizer.eos_token_id:
+            break
+        out.append(t)
+        emb = torch.cat([emb, embed(torch.tensor([t]))])
+        pos = torch.cat([pos, pos[-1:] + 1])
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+CONDITIONS = ("full", "oracle kept", "oracle kept+fill", "random kept", "random kept+fill", "blank")
+
+
+def fill(model, processor, tokens: int, samples: int, start: int = 600, seed: int = 0):
+    """{condition: [(sample, prediction, score)]} on the first `samples` short-answer test samples
+    from `start` on (those tools.fidelity uses)."""
+    rng = np.random.default_rng(seed)
+    data = [s for s in (syn.make_sample("test", start + i) for i in range(samples * 6 // 5 + 6))
+            if s.qtype != "describe"][:samples]
+    out = {c: [] for c in CONDITIONS}
+    for s in data:
+        _, proj = visual_features(model, processor, s.image)
+        _, empty = visual_features(model, processor, blank_like(s.image))
+        n = len(proj)
+        every = torch.arange(n)
+        oracle = torch.from_numpy(np.argsort(-s.patch_priority(), kind="stable")[:tokens].copy()).sort().values
+        chance = torch.from_numpy(rng.permutation(n)[:tokens]).sort().values
+        runs = {"full": (proj, every), "blank": (empty[chance], chance)}
+        for name, keep in (("oracle", oracle), ("random", chance)):
+            filled = empty.clone()
+            filled[keep] = proj[keep]
+            runs[f"{name} kept"] = (proj[keep], keep)
+            runs[f"{name} kept+fill"] = (filled, every)
+        for c in CONDITIONS:
+            pred = answer(model, processor.tokenizer, s.question, *runs[c])
+            out[c].append((s, pred, syn.score(s.qtype, pred, s.answer)))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="check", required=True)
+    p = sub.add_parser("probe", help="where along the model an object patch's colour, shape, letter are lost")
+    p.add_argument("--model", default=str(embedded.EMBEDDED_DIR))
+    p.add_argument("--samples", type=int, default=80)
+    f = sub.add_parser("fill", help="missing evidence or a shorter sequence?")
+    f.add_argument("--model", default=str(embedded.EMBEDDED_DIR))
+    f.add_argument("--tokens", type=int, default=16)
+    f.add_argument("--samples", type=int, default=120)
+    a = ap.parse_args(argv)
+    if a.check == "fill" and not 1 <= a.tokens <= syn.NUM_PATCHES:
+        ap.error(f"--tokens {a.tokens}: must be from 1 to {syn.NUM_PATCHES}")
+    model, processor = load(a.model)
+    if a.check == "probe":
+        table = probe(model, processor, a.samples)
+        print(f"{a.model}: linear probe of object patches, held-out accuracy ({a.samples} images)")
+        print(f"{'stage':18s} " + " ".join(f"{f:>7s}" for f in PATCH_FIELDS))
+        for stage, acc in table.items():
+            print(f"{stage:18s} " + " ".join(f"{acc[f]:7.2f}" for f in PATCH_FIELDS))
+        return
+    out = fill(model, processor, a.tokens, a.samples)
+    types = sorted({s.qtype for s, _, _ in out["full"]})
+    print(f"{a.model}: {a.tokens} of {syn.NUM_PATCHES} visual tokens, {a.samples} samples; accuracy %")
+    print(f"{'condition':18s} {'all':>5s} " + " ".join(f"{t[:9]:>9s}" for t in types))
+    for c, rows in out.items():
+        by = {t: [v for s, _, v in rows if s.qtype == t] for t in types}
+        print(f"{c:18s} {100 * np.mean([v for *_, v in rows]):5.1f} "
+              + " ".join(f"{100 * np.mean(by[t]):9.0f}" for t in types))
+
+
+if __name__ == "__main__":
+    main()
