@@ -73,6 +73,34 @@ def test_single_turn_batches_hold_one_question_each():
     assert (ids4 == assistant).sum(1).max() > 1  # the default mixes in follow-up questions
 
 
+def test_object_heads_name_the_one_object_a_question_is_about():
+    tok = embedded.build_processor().tokenizer
+    image_id = embedded.build_config().image_token_id
+    _, ids, _, _, _, patch, _ = te.batch_of(9, 8, tok, image_id, 0)
+    about, queries = patch["about"], patch["queries"]
+    assert about.shape == (len(queries), len(te.ObjectHeads.FIELDS))
+    convs = [syn.make_conversation(9 * 8 + b) for b in range(8)]
+    turns = [(turn, hits, objects) for _, ts, objects, rel in convs for turn, hits in zip(ts, rel)
+             if not turn[0].startswith("describe")]
+    assert len(turns) == len(about)
+    for (turn, hits, objects), row in zip(turns, about.tolist()):
+        if len(hits) != 1:
+            assert row == [-100] * 4, turn
+            continue
+        o = objects[hits[0]]
+        names = [classes[i] for classes, i in zip(te.ObjectHeads.FIELDS.values(), row)]
+        assert names == [o.color, o.shape, o.size or "none", o.letter or "none"], turn
+    assert (about[:, 0] == -100).any() and (about[:, 0] >= 0).any()
+    heads = te.ObjectHeads(128)
+    hidden = torch.randn(ids.shape[0], ids.shape[1], 128, requires_grad=True)
+    loss = heads.loss(hidden, queries, about)
+    loss.backward()
+    assert loss > 0 and heads.heads["size"].weight.grad is not None
+    ignored = [q for q, r in zip(queries.tolist(), about.tolist()) if r[0] == -100]
+    assert all(hidden.grad[b, p].abs().sum() == 0 for b, p in ignored)  # questions about none or several
+    assert te.ObjectHeads(128).loss(hidden, queries[:0], about[:0]) == 0
+
+
 def test_canvas_batches_hold_every_token_of_a_stretched_canvas():
     import argparse
 
@@ -110,12 +138,18 @@ def test_canvas_batches_hold_every_token_of_a_stretched_canvas():
 def test_stop_step_ends_a_run_early_with_a_final_model_and_its_record(tmp_path):
     import json
 
-    te.main(["--recipe", "neutral", "--out", str(tmp_path), "--vision-steps", "1", "--steps", "5",
-             "--batch", "2", "--eval-n", "0", "--threads", "1", "--stop-step", "3", "--device", "cpu"])
+    argv = ["--recipe", "neutral", "--out", str(tmp_path), "--vision-steps", "1", "--steps", "5",
+            "--batch", "2", "--eval-n", "0", "--threads", "1", "--device", "cpu",
+             "--canvas-sides", "72,104", "--proj-aux-weight", "0.3", "--object-weight", "0.5", "--object-layer", "1"]
+    te.main(argv + ["--stop-step", "3"])
     record = json.loads((tmp_path / "final" / "training.json").read_text())
     assert (record["steps"], record["planned_steps"]) == (3, 6)
+    assert record["args"]["canvas_sides"] == [72, 104]
     assert (tmp_path / "final" / "model.safetensors").exists()
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["state"]["step"] == 3
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert saved["state"]["step"] == 3 and {"proj_aux", "object_heads"} <= set(saved)
+    te.main(argv + ["--stop-step", "4"])  # resumes: the optimiser holds the same heads as the checkpoint
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["state"]["step"] == 4
 
 
 def test_a_recorded_run_renders_as_a_command_that_repeats_it():

@@ -43,7 +43,11 @@ command after an interruption):
 `--proj-aux-weight` puts a second set of the per-patch heads on the projector's output. Without it
 the neutral recipe's projector lost colour (a linear probe of an object patch's colour: 1.00 on the
 tower's features, 0.65 after the projector, 0.41 at the last decoder layer; the shipped model 1.00
-throughout), and the candidate answered "orange" for every colour.
+throughout), and the candidate answered "orange" for every colour. With the projector mended the
+decoder still named one colour for every object (its colour-reading circuit, never used while
+the projector dropped colour, had nothing to start from): `--object-weight` adds heads that read
+a question's state at decoder layer --object-layer (8) and name the colour, shape, size and letter
+of the one object the question is about, so that the question's state must gather it.
 The auxiliary heads are training-only and are not saved with the model. At the end the model,
 processor and a training record are written to `<out>/final/` in float16.
 """
@@ -120,6 +124,35 @@ class Grounding(nn.Module):
         q = self.q(hidden[queries[:, 0], queries[:, 1]])  # (n, kd)
         logits = (keys[queries[:, 0]] @ q[..., None])[..., 0].float() / keys.shape[-1] ** 0.5
         return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+
+
+class ObjectHeads(nn.Module):
+    """Training-only: from the state of a question's last token at one decoder layer, the colour,
+    shape, size and letter of the one object the question is about (questions about none or
+    several objects are left out). It writes what the question's object looks like into the
+    question's state, so that the answer can read it."""
+    FIELDS = {"color": syn.PATCH_COLOR_CLASSES, "shape": syn.PATCH_SHAPE_CLASSES,
+              "size": ("none", *syn.SIZES), "letter": syn.PATCH_LETTER_CLASSES}
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in self.FIELDS.items()})
+
+    @classmethod
+    def targets(cls, hits: list[int], objects) -> list[int]:
+        """Class ids per field, or -100 (ignored) unless the question is about exactly one object."""
+        if len(hits) != 1:
+            return [-100] * len(cls.FIELDS)
+        o = objects[hits[0]]
+        return [classes.index(getattr(o, k) or "none") for k, classes in cls.FIELDS.items()]
+
+    def loss(self, hidden: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden (B, S, D); queries (n, 2) = (batch row, position); targets (n, fields)."""
+        keep = targets[:, 0] >= 0
+        if not bool(keep.any()):
+            return hidden.new_zeros(())
+        state = hidden[queries[keep, 0], queries[keep, 1]]
+        return sum(F.cross_entropy(h(state).float(), targets[keep, i]) for i, h in enumerate(self.heads.values()))
 
 
 def grounding_target(question: str, answer: str, hits: list[int], objects) -> np.ndarray | None:
@@ -253,7 +286,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
                 keep[b] = object_keep(rel, g)
                 convs[b] = (convs[b][0], turns[:1], objects, relevant[:1])
     images, seqs, labs, wts, patch = [], [], [], [], {k: [] for k in ("color", "shape", "letter")}
-    image_targets, queries, ground = [], [], []
+    image_targets, queries, ground, about = [], [], [], []
     for b, (image, turns, objects, relevant) in enumerate(convs):
         ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, n_image, turn_mean)
         images.append(image)
@@ -268,6 +301,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
             if target is not None:
                 queries.append((b, pos))
                 ground.append(target)
+                about.append(ObjectHeads.targets(hits, objects))
     n = max(map(len, seqs))
     input_ids = torch.full((batch, n), tok.pad_token_id)
     labels = torch.full((batch, n), -100)
@@ -281,6 +315,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     patch = {k: torch.from_numpy(np.stack(v)) for k, v in patch.items()}
     patch["image"] = torch.from_numpy(np.stack(image_targets))
     patch["queries"] = torch.tensor(queries, dtype=torch.long).view(-1, 2)
+    patch["about"] = torch.tensor(about, dtype=torch.long).view(-1, len(ObjectHeads.FIELDS))
     patch["ground"] = torch.from_numpy(np.stack(ground)) if ground else torch.zeros(0, n_image + 1)
     return pixels(images), input_ids, labels, weights, mask, patch, keep
 
@@ -295,9 +330,9 @@ def vision_features(model, pixel_values, pooled: bool = False):
     return (feats, out.pooler_output) if pooled else feats
 
 
-def lm_loss(model, image, input_ids, labels, weights, mask, visual_keep=None, positions=None, ground=None):
-    """Next-token loss on the answers, `image` being the projector's output; with `ground` =
-    (Grounding, layer, queries, targets) also (lm loss, grounding loss) from that layer's states."""
+def lm_loss(model, image, input_ids, labels, weights, mask, visual_keep=None, positions=None, states=False):
+    """Next-token loss on the answers, `image` being the projector's output; with `states` also
+    every layer's hidden states, (lm loss, hidden states)."""
     emb = model.get_input_embeddings()(input_ids)
     is_image = input_ids == model.config.image_token_id
     emb = emb.masked_scatter(is_image.unsqueeze(-1).expand_as(emb), image.to(emb.dtype))
@@ -318,18 +353,14 @@ def lm_loss(model, image, input_ids, labels, weights, mask, visual_keep=None, po
         emb, labels, weights, mask = new_emb, new_labels, new_weights, new_mask
     # (an explicit 2D mask also stops transformers from reading position gaps as packed sequences)
     out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
-                                     output_hidden_states=ground is not None)
+                                     output_hidden_states=states)
     hidden = out.last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                          reduction="none")
     w = weights[:, 1:].flatten()
     lm = (ce * w).sum() / w.sum()
-    if ground is None:
-        return lm
-    head, layer, queries, targets = ground
-    visual_rows = is_image.nonzero()[:, 1].view(is_image.shape[0], -1)  # every row holds all M tokens
-    return lm, head.loss(out.hidden_states[layer + 1], visual_rows, queries, targets)
+    return (lm, out.hidden_states) if states else lm
 
 
 @torch.no_grad()
@@ -443,6 +474,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--proj-aux-weight", type=float, default=0.0,
                     help="weight of the per-patch heads on the projector's output (full stage): the projector "
                          "must pass on the colour, shape and letter the tower sees")
+    ap.add_argument("--object-weight", type=float, default=0.0,
+                    help="weight of the object heads: a question's state at --object-layer names the colour, "
+                         "shape, size and letter of the one object it is about")
+    ap.add_argument("--object-layer", type=int, default=8, help="decoder layer whose output the object heads read")
     ap.add_argument("--cls-weight", type=float, default=0.0, help="weight of the CLIP-like CLS objective")
     ap.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss")
     ap.add_argument("--ground-layer", type=int, default=8, help="decoder layer whose output the grounding loss reads")
@@ -469,6 +504,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     pre, _ = ap.parse_known_args(argv)
     ap.set_defaults(**RECIPES[pre.recipe])
     args = ap.parse_args(argv)
+    if (args.ground_weight or args.object_weight) and args.drop_from is not None:
+        ap.error("--ground-weight and --object-weight need --drop-from none (they read every visual token's row)")
     if args.canvas_sides and args.drop_from is not None:
         ap.error(f"--canvas-sides {','.join(map(str, args.canvas_sides))} needs --drop-from none "
                  f"(visual dropout is built for the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas)")
@@ -538,11 +575,16 @@ def main(argv=None):
         model = LlavaForConditionalGeneration(config)
     aux = AuxHeads(config.vision_config.hidden_size)
     proj_aux = AuxHeads(config.text_config.hidden_size)
+    object_heads = ObjectHeads(config.text_config.hidden_size)
     cls_head = ImageHead(config.vision_config.hidden_size)
     grounding = Grounding(config.text_config.hidden_size)
-    model.to(device), aux.to(device), cls_head.to(device), grounding.to(device), proj_aux.to(device)
-    params = list(model.parameters()) + list(aux.parameters()) + list(cls_head.parameters()) + \
-        list(grounding.parameters()) + list(proj_aux.parameters())
+    # the optimiser holds the heads a checkpoint of the same options holds (the later heads only when used)
+    heads = (aux, cls_head, grounding) + ((proj_aux,) if args.proj_aux_weight else ()) + \
+        ((object_heads,) if args.object_weight else ())
+    model.to(device)
+    for h in heads:
+        h.to(device)
+    params = list(model.parameters()) + [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     total = args.vision_steps + args.steps
     state = {"step": 0, "seconds": 0.0, "log": []}
@@ -556,6 +598,8 @@ def main(argv=None):
             grounding.load_state_dict(saved["grounding"])
         if "proj_aux" in saved:
             proj_aux.load_state_dict(saved["proj_aux"])
+        if "object_heads" in saved:
+            object_heads.load_state_dict(saved["object_heads"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         print(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
@@ -564,7 +608,8 @@ def main(argv=None):
     def save():
         tmp = out / "ckpt.pt.tmp"
         torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "cls_head": cls_head.state_dict(),
-                    "grounding": grounding.state_dict(), "proj_aux": proj_aux.state_dict(), "opt": opt.state_dict(), "state": state,
+                    "grounding": grounding.state_dict(), "proj_aux": proj_aux.state_dict(),
+                    "object_heads": object_heads.state_dict(), "opt": opt.state_dict(), "state": state,
                     "args": vars(args)}, tmp)
         os.replace(tmp, ckpt)
 
@@ -594,8 +639,7 @@ def main(argv=None):
         patch = {k: v.to(device) for k, v in patch.items()}
         keep = keep.to(device) if keep is not None else None
         positions = positions.to(device) if positions is not None else None
-        ground = (grounding, args.ground_layer, patch["queries"], patch["ground"]) if args.ground_weight else None
-        gl = cl = pl = torch.zeros((), device=device)
+        gl = cl = pl = al = torch.zeros((), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             feats, pooled = vision_features(model, pv, pooled=True)
             aux_loss = aux.loss(feats, patch)
@@ -606,22 +650,28 @@ def main(argv=None):
                 loss = aux_loss + args.cls_weight * cl
             else:
                 image = model.model.multi_modal_projector(feats)
-                lm = lm_loss(model, image, ids, labels, weights, mask, keep, positions, ground)
-                if ground is not None:
-                    lm, gl = lm
+                states = bool(args.ground_weight or args.object_weight)
+                lm = lm_loss(model, image, ids, labels, weights, mask, keep, positions, states)
+                if states:  # (no visual dropout with these: every row holds all of its image's tokens)
+                    lm, hidden = lm
+                if args.ground_weight:
+                    visual_rows = is_image.nonzero()[:, 1].view(is_image.shape[0], -1).to(device)
+                    gl = grounding.loss(hidden[args.ground_layer + 1], visual_rows, patch["queries"], patch["ground"])
+                if args.object_weight:
+                    al = object_heads.loss(hidden[args.object_layer + 1], patch["queries"], patch["about"])
                 if args.proj_aux_weight:
                     pl = proj_aux.loss(image, patch)
                 loss = lm + args.aux_weight * aux_loss + args.cls_weight * cl + args.ground_weight * gl + \
-                    args.proj_aux_weight * pl
+                    args.proj_aux_weight * pl + args.object_weight * al
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] += 1
         state["seconds"] = time.time() - t0
-        running.append((lm.item(), aux_loss.item(), cl.item(), gl.item(), pl.item()))
+        running.append((lm.item(), aux_loss.item(), cl.item(), gl.item(), pl.item(), al.item()))
         if state["step"] % 50 == 0:
-            lm_m, aux_m, cl_m, gl_m, pl_m = np.mean(running, axis=0)
+            lm_m, aux_m, cl_m, gl_m, pl_m, al_m = np.mean(running, axis=0)
             running = []
             rec = {"step": state["step"], "lm": round(float(lm_m), 4), "aux": round(float(aux_m), 4),
                    "minutes": round(state["seconds"] / 60, 2)}
@@ -629,6 +679,8 @@ def main(argv=None):
                 rec.update(cls=round(float(cl_m), 4), ground=round(float(gl_m), 4))
             if args.proj_aux_weight:
                 rec["proj_aux"] = round(float(pl_m), 4)
+            if args.object_weight:
+                rec["object"] = round(float(al_m), 4)
             state["log"].append(rec)
             print(json.dumps(rec), flush=True)
         stopped = not vision_only and (args.max_minutes is not None and state["seconds"] > 60 * args.max_minutes
