@@ -178,11 +178,17 @@ def test_publish_history_follows_the_init_from_chain(tmp_path):
     first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for d, init, steps, planned in ((first, None, 900, 4400), (second, first, 2600, 2600), (third, second, 10, 10)):
         d.mkdir()
-        args = vars(te.parse_args(["--recipe", "neutral"] + (["--init-from", str(init)] if init else [])))
+        extra = ["--canvas-sides", "72,96", "--proj-aux-weight", "0.3", "--object-weight", "1",
+                 "--turn-mean-from", "100000"] if d is third else []
+        args = vars(te.parse_args(["--recipe", "neutral"] + (["--init-from", str(init)] if init else []) + extra))
         (d / "training.json").write_text(json.dumps({"args": args, "steps": steps, "planned_steps": planned,
                                                      "minutes": 1.0}))
     chain = pe.history(third)
     assert [st["steps"] for st in chain] == [900, 2600, 10]
     text = pe.stage_text(chain[0], 1)
     assert "--stop-step 900" in text and "stopped by a time budget; 4400 planned" in text
-    assert "--init-from build/embedded-2/final" in pe.stage_text(chain[2], 3)
+    last = pe.stage_text(chain[2], 3)
+    assert "--init-from build/embedded-2/final" in last and "--canvas-sides 72,96" in last
+    assert "drawn from 72, 96 px" in last and "object heads at decoder layer 8 x 1" in last
+    assert "every answer token weighs the same" in last and "turn weighs" not in last
+    assert "every answer turn weighs the same from full step 1500" in pe.stage_text(chain[1], 2)

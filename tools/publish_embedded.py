@@ -91,7 +91,13 @@ def neutral_text(stage: dict, i: int) -> str:
              f"x {a['ground_weight']:g}; questions per conversation up to {a.get('max_turns', 4)}"
              + (f"; question mix {weights} (others x1)" if weights else "")
              + (f"; every answer turn weighs the same from full step {a.get('turn_mean_from', 0)}"
-                if a.get("turn_mean") else ""))
+                if a.get("turn_mean") and a.get("turn_mean_from", 0) < a["steps"] else "; every answer token weighs the same")
+             + (f"; each batch's canvas width and height drawn from {', '.join(map(str, a['canvas_sides']))} px "
+                f"(objects at their pixel sizes, every token kept)" if a.get("canvas_sides") else "")
+             + (f"; per-patch heads on the projector's output x {a['proj_aux_weight']:g}"
+                if a.get("proj_aux_weight") else "")
+             + (f"; object heads at decoder layer {a['object_layer']} x {a['object_weight']:g}"
+                if a.get("object_weight") else ""))
     stop = f" (stopped by a time budget; {planned} planned)" if stage["steps"] < planned else ""
     return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps{stop}, batch {a['batch']}, lr {a['lr']:g}, "
             f"AdamW, warm-up then cosine, bf16 autocast, {stage['minutes']} minutes on {where(stage)}; {what}.\n")
