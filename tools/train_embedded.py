@@ -44,8 +44,9 @@ command after an interruption):
 the neutral recipe's projector lost colour (a linear probe of an object patch's colour: 1.00 on the
 tower's features, 0.65 after the projector, 0.41 at the last decoder layer; the shipped model 1.00
 throughout), and the candidate answered "orange" for every colour. With the projector mended the
-decoder still named one colour for every object (its colour-reading circuit, never used while
-the projector dropped colour, had nothing to start from): `--object-weight` adds heads that read
+decoder still named one colour for every object for 600 steps (presumably because the circuit
+that reads an object's colour never formed while the projector dropped it, and neither of its
+halves had a gradient without the other): `--object-weight` adds heads that read
 a question's state at decoder layer --object-layer (8) and name the colour, shape, size and letter
 of the one object the question is about, so that the question's state must gather it.
 The auxiliary heads are training-only and are not saved with the model. At the end the model,
