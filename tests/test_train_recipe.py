@@ -101,6 +101,24 @@ def test_object_heads_name_the_one_object_a_question_is_about():
     assert te.ObjectHeads(128).loss(hidden, queries[:0], about[:0]) == 0
 
 
+def test_text_only_rows_ask_without_the_image_and_have_no_image_targets():
+    tok = embedded.build_processor().tokenizer
+    image_id = embedded.build_config().image_token_id
+    _, ids, labels, _, mask, patch, _ = te.batch_of(6, 12, tok, image_id, 0, text_only=0.5)
+    blind = patch["text_only"]
+    assert 0 < int(blind.sum()) < 12  # drawn per row
+    has_image = (ids == image_id).any(1)
+    assert torch.equal(has_image, ~blind) and (ids[has_image] == image_id).sum(1).eq(syn.NUM_PATCHES).all()
+    assert not bool(blind[patch["queries"][:, 0]].any())  # no grounding or object target without the image
+    assert ((labels != -100).sum(1) > 0).all()  # every row still has answers to learn
+    _, same, *_ = te.batch_of(6, 12, tok, image_id, 0)
+    for b in range(12):  # the same conversations, with or without the image
+        n = int(mask[b].sum())
+        words = ids[b, :n][ids[b, :n] != image_id]
+        assert torch.equal(words, same[b][(same[b] != image_id) & (same[b] != tok.pad_token_id)])
+    assert not bool(te.batch_of(6, 12, tok, image_id, 0)[5]["text_only"].any())
+
+
 def test_canvas_batches_hold_every_token_of_a_stretched_canvas():
     import argparse
 
@@ -140,7 +158,8 @@ def test_stop_step_ends_a_run_early_with_a_final_model_and_its_record(tmp_path):
 
     argv = ["--recipe", "neutral", "--out", str(tmp_path), "--vision-steps", "1", "--steps", "5",
             "--batch", "2", "--eval-n", "0", "--threads", "1", "--device", "cpu",
-             "--canvas-sides", "72,104", "--proj-aux-weight", "0.3", "--object-weight", "0.5", "--object-layer", "1"]
+             "--canvas-sides", "72,104", "--proj-aux-weight", "0.3", "--object-weight", "0.5", "--object-layer", "1",
+            "--text-only", "0.5"]  # (seed 0: full steps 1-3 hold mixed and all-text batches)
     te.main(argv + ["--stop-step", "3"])
     record = json.loads((tmp_path / "final" / "training.json").read_text())
     assert (record["steps"], record["planned_steps"]) == (3, 6)

@@ -49,6 +49,9 @@ that reads an object's colour never formed while the projector dropped it, and n
 halves had a gradient without the other): `--object-weight` adds heads that read
 a question's state at decoder layer --object-layer (8) and name the colour, shape, size and letter
 of the one object the question is about, so that the question's state must gather it.
+`--text-only F` asks a fraction F of the conversations with no image (LLaVA-1.5's instruction mix
+has text-only conversations too): their answers teach the language prior, so that a prompt with
+no visual token left is answered from it rather than with gibberish.
 The auxiliary heads are training-only and are not saved with the model. At the end the model,
 processor and a training record are written to `<out>/final/` in float16.
 """
@@ -182,7 +185,7 @@ def position_gaps(step: int, mask: torch.Tensor, is_image: torch.Tensor, seed: i
     B, S = mask.shape
     pos = torch.arange(S).expand(B, S).clone()
     for b in range(B):
-        if float(torch.rand((), generator=g)) >= p:
+        if float(torch.rand((), generator=g)) >= p or not bool(is_image[b].any()):
             continue
         rows = is_image[b].nonzero().flatten()
         m, start = len(rows), int(rows[0])
@@ -268,16 +271,20 @@ def canvas_of(step: int, seed: int, sides) -> tuple[int, int]:
 
 def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop: bool = False,
              object_drop: float = 0.0, type_weights=None, turn_mean: bool = False, max_turns: int = 4,
-             size: tuple[int, int] = (syn.IMAGE_SIZE, syn.IMAGE_SIZE)):
+             size: tuple[int, int] = (syn.IMAGE_SIZE, syn.IMAGE_SIZE), text_only: float = 0.0):
     """One training batch, every image on a `size` canvas (width, height). With `drop`, rows lose
     visual tokens (see visual_dropout); of the rows that do, a fraction `object_drop` instead keeps
     an oracle-like subset around the first question's objects (object_keep) and is cut to that one
-    question."""
+    question. A fraction `text_only` of the rows (drawn per row) asks its questions with no image,
+    as LLaVA-1.5's text-only conversations do: their answers teach the language prior, and they
+    have no grounding or object targets (patch["text_only"] marks them)."""
     if drop and tuple(size) != (syn.IMAGE_SIZE, syn.IMAGE_SIZE):
         raise ValueError(f"visual dropout needs the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas, got {size}")
     convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, max_turns=max_turns,
                                    type_weights=type_weights, size=size) for b in range(batch)]
     n_image = (size[0] // syn.PATCH) * (size[1] // syn.PATCH)
+    g_text = torch.Generator().manual_seed(seed * 5_000_011 + step)
+    blind = [text_only > 0 and float(torch.rand((), generator=g_text)) < text_only for _ in range(batch)]
     keep = visual_dropout(step, batch, syn.NUM_PATCHES, seed) if drop else None
     if drop and object_drop > 0:
         g = torch.Generator().manual_seed(seed * 7_000_009 + step)
@@ -289,7 +296,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     images, seqs, labs, wts, patch = [], [], [], [], {k: [] for k in ("color", "shape", "letter")}
     image_targets, queries, ground, about = [], [], [], []
     for b, (image, turns, objects, relevant) in enumerate(convs):
-        ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, n_image, turn_mean)
+        ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, 0 if blind[b] else n_image, turn_mean)
         images.append(image)
         seqs.append(ids)
         labs.append(lab)
@@ -299,7 +306,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
         image_targets.append(ImageHead.targets(objects))
         for (q, a), hits, pos in zip(turns, relevant, qpos):
             target = grounding_target(q, a, hits, objects)
-            if target is not None:
+            if target is not None and not blind[b]:
                 queries.append((b, pos))
                 ground.append(target)
                 about.append(ObjectHeads.targets(hits, objects))
@@ -317,6 +324,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     patch["image"] = torch.from_numpy(np.stack(image_targets))
     patch["queries"] = torch.tensor(queries, dtype=torch.long).view(-1, 2)
     patch["about"] = torch.tensor(about, dtype=torch.long).view(-1, len(ObjectHeads.FIELDS))
+    patch["text_only"] = torch.tensor(blind, dtype=torch.bool)
     patch["ground"] = torch.from_numpy(np.stack(ground)) if ground else torch.zeros(0, n_image + 1)
     return pixels(images), input_ids, labels, weights, mask, patch, keep
 
@@ -486,6 +494,9 @@ def parser() -> argparse.ArgumentParser:
                     help="e.g. 72,80,88,96,104,112,120: each batch's canvas width and height drawn from these "
                          "(objects keep their pixel sizes, so the background's share of the tokens varies; "
                          "every token of the image is kept); default 96 x 96")
+    ap.add_argument("--text-only", type=float, default=0.0,
+                    help="fraction of full-stage conversations asked with no image (the language prior, "
+                         "as in LLaVA-1.5's text-only data); default none")
     ap.add_argument("--max-turns", type=int, default=4,
                     help="questions per training conversation, at most (1: single-turn, no answer in context)")
     ap.add_argument("--max-minutes", type=float, default=None,
@@ -507,6 +518,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if (args.ground_weight or args.object_weight) and args.drop_from is not None:
         ap.error("--ground-weight and --object-weight need --drop-from none (they read every visual token's row)")
+    if args.text_only and args.drop_from is not None:
+        ap.error(f"--text-only {args.text_only:g} needs --drop-from none (visual dropout expects every row's image)")
     if args.canvas_sides and args.drop_from is not None:
         ap.error(f"--canvas-sides {','.join(map(str, args.canvas_sides))} needs --drop-from none "
                  f"(visual dropout is built for the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas)")
@@ -623,7 +636,8 @@ def main(argv=None):
         return batch_of(step, args.batch * (2 if vision_only else 1), tok, config.image_token_id, args.seed,
                         drop=drop, object_drop=args.object_drop, type_weights=args.type_weights,
                         turn_mean=args.turn_mean and step - args.vision_steps >= args.turn_mean_from,
-                        max_turns=args.max_turns, size=canvas_of(step, args.seed, args.canvas_sides))
+                        max_turns=args.max_turns, size=canvas_of(step, args.seed, args.canvas_sides),
+                        text_only=0.0 if vision_only else args.text_only)
 
     batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
                                           num_workers=workers, prefetch_factor=4 if workers else None)
@@ -651,17 +665,19 @@ def main(argv=None):
                 loss = aux_loss + args.cls_weight * cl
             else:
                 image = model.model.multi_modal_projector(feats)
+                seen = ~patch["text_only"]  # rows whose conversation holds its image
                 states = bool(args.ground_weight or args.object_weight)
-                lm = lm_loss(model, image, ids, labels, weights, mask, keep, positions, states)
+                lm = lm_loss(model, image[seen], ids, labels, weights, mask, keep, positions, states)
                 if states:  # (no visual dropout with these: every row holds all of its image's tokens)
                     lm, hidden = lm
                 if args.ground_weight:
-                    visual_rows = is_image.nonzero()[:, 1].view(is_image.shape[0], -1).to(device)
+                    visual_rows = torch.zeros(len(ids), image.shape[1], dtype=torch.long, device=device)
+                    visual_rows[seen] = is_image[seen.cpu()].nonzero()[:, 1].view(-1, image.shape[1]).to(device)
                     gl = grounding.loss(hidden[args.ground_layer + 1], visual_rows, patch["queries"], patch["ground"])
                 if args.object_weight:
                     al = object_heads.loss(hidden[args.object_layer + 1], patch["queries"], patch["about"])
                 if args.proj_aux_weight:
-                    pl = proj_aux.loss(image, patch)
+                    pl = proj_aux.loss(image, patch)  # every row's image, seen by the decoder or not
                 loss = lm + args.aux_weight * aux_loss + args.cls_weight * cl + args.ground_weight * gl + \
                     args.proj_aux_weight * pl + args.object_weight * al
         opt.zero_grad(set_to_none=True)
