@@ -198,7 +198,7 @@ def test_publish_history_follows_the_init_from_chain(tmp_path):
     for d, init, steps, planned in ((first, None, 900, 4400), (second, first, 2600, 2600), (third, second, 10, 10)):
         d.mkdir()
         extra = ["--canvas-sides", "72,96", "--proj-aux-weight", "0.3", "--object-weight", "1",
-                 "--turn-mean-from", "100000"] if d is third else []
+                 "--turn-mean-from", "100000", "--text-only", "0.05"] if d is third else []
         args = vars(te.parse_args(["--recipe", "neutral"] + (["--init-from", str(init)] if init else []) + extra))
         (d / "training.json").write_text(json.dumps({"args": args, "steps": steps, "planned_steps": planned,
                                                      "minutes": 1.0}))
@@ -210,4 +210,5 @@ def test_publish_history_follows_the_init_from_chain(tmp_path):
     assert "--init-from build/embedded-2/final" in last and "--canvas-sides 72,96" in last
     assert "drawn from 72, 96 px" in last and "object heads at decoder layer 8 x 1" in last
     assert "every answer token weighs the same" in last and "turn weighs" not in last
+    assert "5 % of conversations asked with no image" in last and "--text-only 0.05" in last
     assert "every answer turn weighs the same from full step 1500" in pe.stage_text(chain[1], 2)
