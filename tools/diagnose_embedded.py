@@ -126,8 +126,7 @@ def fill(model, processor, tokens: int, samples: int, start: int = 600, seed: in
     """{condition: [(sample, prediction, score)]} on the first `samples` short-answer test samples
     from `start` on (those tools.fidelity uses)."""
     rng = np.random.default_rng(seed)
-    data = [s for s in (syn.make_sample("test", start + i) for i in range(samples * 6 // 5 + 6))
-            if s.qtype != "describe"][:samples]
+    data = syn.short_answer_samples("test", start, samples)
     out = {c: [] for c in CONDITIONS}
     for s in data:
         _, proj = visual_features(model, processor, s.image)

@@ -113,8 +113,7 @@ def run_inline(model: str, tokens: int, samples: int, methods, merged: bool = Fa
     from harness.models.adapter import load_model
 
     adapter = load_model(model, device=device)
-    data = [s for s in (syn.make_sample("test", 600 + i) for i in range(samples * 6 // 5 + 6))
-            if s.qtype != "describe"][:samples]
+    data = syn.short_answer_samples("test", 600, samples)
     inputs = [adapter.inputs(s.image, s.question) for s in data]
     exp = parse_experiment({"experiment": "fidelity", "model": {"path": model}, "generation": {"max_new_tokens": 3},
                             "timing": {"warmup": 0, "repeats": 1}, "budgets": [tokens],

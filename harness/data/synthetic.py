@@ -19,7 +19,6 @@ from PIL import Image, ImageDraw, ImageFont
 IMAGE_SIZE = 96
 PATCH = 8
 GRID = 3
-CELL = IMAGE_SIZE // GRID
 PATCHES_PER_SIDE = IMAGE_SIZE // PATCH
 NUM_PATCHES = PATCHES_PER_SIDE**2  # 144 visual tokens
 
@@ -256,6 +255,11 @@ def make_sample(split: str, index: int, qtype: str | None = None) -> Sample:
     qtype = qtype or QUESTION_TYPES[index % len(QUESTION_TYPES)]
     question, answer, relevant = ask(qtype, objects, rng)
     return Sample(f"{split}-{index}", image, question, answer, qtype, objects, relevant)
+
+
+def short_answer_samples(split: str, start: int, n: int) -> list[Sample]:
+    """The first `n` samples of `split` from index `start` on that are not descriptions."""
+    return [s for s in (make_sample(split, start + i) for i in range(n * 6 // 5 + 6)) if s.qtype != "describe"][:n]
 
 
 def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, float] | None = None,
