@@ -2,6 +2,7 @@
 grounding targets point at the question's objects (or none), the CLS targets name what is present,
 and nothing in a neutral batch drops a token."""
 import numpy as np
+import pytest
 import torch
 
 from harness.data import synthetic as syn
@@ -122,8 +123,6 @@ def test_text_only_rows_ask_without_the_image_and_have_no_image_targets():
 def test_canvas_batches_hold_every_token_of_a_stretched_canvas():
     import argparse
 
-    import pytest
-
     assert te.canvas_of(3, 0, None) == (96, 96)
     drawn = {te.canvas_of(step, 0, [72, 96, 120]) for step in range(40)}
     assert drawn <= {(w, h) for w in (72, 96, 120) for h in (72, 96, 120)} and len(drawn) > 4
@@ -212,3 +211,34 @@ def test_publish_history_follows_the_init_from_chain(tmp_path):
     assert "every answer token weighs the same" in last and "turn weighs" not in last
     assert "5 % of conversations asked with no image" in last and "--text-only 0.05" in last
     assert "every answer turn weighs the same from full step 1500" in pe.stage_text(chain[1], 2)
+
+
+def test_carry_heads_starts_a_continued_run_with_the_heads_its_source_ended_with(tmp_path, monkeypatch):
+    import json
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    common = ["--recipe", "neutral", "--batch", "2", "--eval-n", "0", "--threads", "1", "--device", "cpu",
+              "--proj-aux-weight", "0.3", "--object-weight", "0.5", "--object-layer", "1"]
+    te.main(common + ["--out", str(first), "--vision-steps", "1", "--steps", "2"])
+    ended = torch.load(first / "ckpt.pt", weights_only=False)
+    seen = {}
+    real = te.ObjectHeads.loss
+
+    def spy(self, *a, **k):  # the object heads' weights at the continued run's first step
+        seen.setdefault("w", self.heads["color"].weight.detach().clone())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(te.ObjectHeads, "loss", spy)
+    argv = common + ["--out", str(second), "--init-from", str(first / "final"), "--steps", "1"]
+    te.main(argv + ["--carry-heads"])
+    assert torch.equal(seen["w"], ended["object_heads"]["heads.color.weight"])
+    assert json.loads((second / "final" / "training.json").read_text())["args"]["carry_heads"]
+    assert "--carry-heads" in te.command(vars(te.parse_args(argv + ["--carry-heads"])), "o", "i")
+    seen.clear()
+    te.main([w if w != str(second) else str(tmp_path / "c") for w in argv])  # default: fresh heads
+    assert not torch.equal(seen["w"], ended["object_heads"]["heads.color.weight"])
+    with pytest.raises(SystemExit):  # nothing to carry from without --init-from
+        te.parse_args(common + ["--carry-heads"])
+    (first / "ckpt.pt").unlink()
+    with pytest.raises(SystemExit, match="ckpt.pt"):
+        te.main(argv[:-2] + ["--out", str(tmp_path / "d"), "--steps", "1", "--carry-heads"])

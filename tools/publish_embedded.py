@@ -85,7 +85,8 @@ def neutral_text(stage: dict, i: int) -> str:
     planned = stage.get("planned_steps", stage["steps"])
     cmd = train_embedded.command(a, out, init, stage["steps"] if stage["steps"] < planned else None)
     weights = ", ".join(f"{k} x{v:g}" for k, v in (a.get("type_weights") or {}).items())
-    what = ("continuing the stage above" if init else f"from scratch ({a['vision_steps']} vision-only steps first)")
+    what = ("continuing the stage above" + (", its training-only heads too" if a.get("carry_heads") else "")
+            if init else f"from scratch ({a['vision_steps']} vision-only steps first)")
     what += (f"; no token dropout; position-id gaps in {100 * a['pos_gaps']:.0f} % of conversations, "
              f"the CLIP-like CLS objective x {a['cls_weight']:g}, grounding at decoder layer {a['ground_layer']} "
              f"x {a['ground_weight']:g}; questions per conversation up to {a.get('max_turns', 4)}"

@@ -52,7 +52,10 @@ of the one object the question is about, so that the question's state must gathe
 `--text-only F` asks a fraction F of the conversations with no image (LLaVA-1.5's instruction mix
 has text-only conversations too): their answers teach the language prior, so that a prompt with
 no visual token left is answered from it rather than with gibberish.
-The auxiliary heads are training-only and are not saved with the model. At the end the model,
+The auxiliary heads are training-only and are not saved with the model; a continued run
+(`--init-from`) starts them fresh, and their first large losses shake the model for 100-200
+steps, unless `--carry-heads` takes them from the checkpoint beside the directory it continues.
+At the end the model,
 processor and a training record are written to `<out>/final/` in float16.
 """
 from __future__ import annotations
@@ -389,6 +392,24 @@ def evaluate(model, processor, n_per_type: int = 20, split: str = "val") -> dict
     return scores
 
 
+HEADS = ("aux", "cls_head", "grounding", "proj_aux", "object_heads")
+
+
+def carried_heads(init_from: str) -> dict:
+    """The training-only heads' states at the end of the run whose final model is `init_from`: its
+    checkpoint (`<run>/ckpt.pt`, written when it ended) must exist and have stopped where the model did."""
+    final = Path(init_from)
+    ckpt = final.parent / "ckpt.pt"
+    if not ckpt.exists():
+        raise SystemExit(f"--carry-heads: no {ckpt} beside {final} (the heads are only in the run's checkpoint)")
+    saved = torch.load(ckpt, weights_only=False, map_location="cpu")
+    record = json.loads((final / "training.json").read_text())
+    if saved["state"]["step"] != record["steps"]:
+        raise SystemExit(f"--carry-heads: {ckpt} is at step {saved['state']['step']}, {final} at step "
+                         f"{record['steps']}; they must be the same run's end")
+    return {k: saved[k] for k in HEADS if k in saved}
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -469,6 +490,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--init-from", default=None,
                     help="continue from a saved model directory (fine-tuning; no vision stage)")
+    ap.add_argument("--carry-heads", action="store_true",
+                    help="with --init-from: start the training-only heads where the run that wrote that directory "
+                         "ended (its ckpt.pt beside it) instead of fresh, so they do not shake the model at first")
     ap.add_argument("--warmup", type=int, default=300, help="full-stage warm-up steps")
     ap.add_argument("--type-weights", default=None, type=parse_weights,
                     help="question-type mix, e.g. count=2,exist=2 (others 1); default uniform")
@@ -520,6 +544,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--ground-weight and --object-weight need --drop-from none (they read every visual token's row)")
     if args.text_only and args.drop_from is not None:
         ap.error(f"--text-only {args.text_only:g} needs --drop-from none (visual dropout expects every row's image)")
+    if args.carry_heads and not args.init_from:
+        ap.error("--carry-heads needs --init-from (the heads come from the run that wrote that directory)")
     if args.canvas_sides and args.drop_from is not None:
         ap.error(f"--canvas-sides {','.join(map(str, args.canvas_sides))} needs --drop-from none "
                  f"(visual dropout is built for the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas)")
@@ -600,6 +626,11 @@ def main(argv=None):
         h.to(device)
     params = list(model.parameters()) + [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    if args.carry_heads:
+        named = dict(zip(HEADS, (aux, cls_head, grounding, proj_aux, object_heads)))
+        for k, v in carried_heads(args.init_from).items():
+            named[k].load_state_dict(v)
+        print(f"training-only heads carried over from {Path(args.init_from).parent / 'ckpt.pt'}", flush=True)
     total = args.vision_steps + args.steps
     state = {"step": 0, "seconds": 0.0, "log": []}
     ckpt = out / "ckpt.pt"
