@@ -158,14 +158,14 @@ def test_stop_step_ends_a_run_early_with_a_final_model_and_its_record(tmp_path):
     argv = ["--recipe", "neutral", "--out", str(tmp_path), "--vision-steps", "1", "--steps", "5",
             "--batch", "2", "--eval-n", "0", "--threads", "1", "--device", "cpu",
              "--canvas-sides", "72,104", "--proj-aux-weight", "0.3", "--object-weight", "0.5", "--object-layer", "1",
-            "--text-only", "0.5"]  # (seed 0: full steps 1-3 hold mixed and all-text batches)
+            "--text-only", "0.5", "--where-weight", "0.3"]  # (seed 0: full steps 1-3 hold mixed and all-text batches)
     te.main(argv + ["--stop-step", "3"])
     record = json.loads((tmp_path / "final" / "training.json").read_text())
     assert (record["steps"], record["planned_steps"]) == (3, 6)
     assert record["args"]["canvas_sides"] == [72, 104]
     assert (tmp_path / "final" / "model.safetensors").exists()
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert saved["state"]["step"] == 3 and {"proj_aux", "object_heads"} <= set(saved)
+    assert saved["state"]["step"] == 3 and {"proj_aux", "object_heads", "where"} <= set(saved)
     te.main(argv + ["--stop-step", "4"])  # resumes: the optimiser holds the same heads as the checkpoint
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["state"]["step"] == 4
 
@@ -242,3 +242,16 @@ def test_carry_heads_starts_a_continued_run_with_the_heads_its_source_ended_with
     (first / "ckpt.pt").unlink()
     with pytest.raises(SystemExit, match="ckpt.pt"):
         te.main(argv[:-2] + ["--out", str(tmp_path / "d"), "--steps", "1", "--carry-heads"])
+
+
+def test_patch_cells_are_the_grid_cells_render_scene_places_objects_in():
+    import random
+
+    assert (te.patch_cells((96, 96)).reshape(12, 12) == np.kron(np.arange(9).reshape(3, 3), np.ones((4, 4)))).all()
+    for size in ((72, 120), (168, 88), (96, 96)):
+        cells = te.patch_cells(size)
+        assert cells.shape == ((size[0] // syn.PATCH) * (size[1] // syn.PATCH),)
+        for k in range(20):
+            _, objects = syn.render_scene(random.Random(k), size)
+            for o in objects:  # the patch an object covers most lies in the object's cell
+                assert cells[int(np.argmax(o.patch_pixels))] == o.cell, (size, o)

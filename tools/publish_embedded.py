@@ -99,7 +99,9 @@ def neutral_text(stage: dict, i: int) -> str:
                 if a.get("proj_aux_weight") else "")
              + (f"; object heads at decoder layer {a['object_layer']} x {a['object_weight']:g}"
                 if a.get("object_weight") else "")
-             + (f"; {100 * a['text_only']:g} % of conversations asked with no image" if a.get("text_only") else ""))
+             + (f"; {100 * a['text_only']:g} % of conversations asked with no image" if a.get("text_only") else "")
+             + (f"; every patch names its grid cell from the tower's features and the projector's output "
+                f"x {a['where_weight']:g}" if a.get("where_weight") else ""))
     stop = f" (stopped by a time budget; {planned} planned)" if stage["steps"] < planned else ""
     return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps{stop}, batch {a['batch']}, lr {a['lr']:g}, "
             f"AdamW, warm-up then cosine, bf16 autocast, {stage['minutes']} minutes on {where(stage)}; {what}.\n")

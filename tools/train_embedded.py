@@ -52,11 +52,12 @@ of the one object the question is about, so that the question's state must gathe
 `--text-only F` asks a fraction F of the conversations with no image (LLaVA-1.5's instruction mix
 has text-only conversations too): their answers teach the language prior, so that a prompt with
 no visual token left is answered from it rather than with gibberish.
+`--where-weight` makes every patch name its cell of the 3 x 3 grid from the tower's features and
+the projector's output, so that a visual token carries its own place, as a CLIP patch feature does.
 The auxiliary heads are training-only and are not saved with the model; a continued run
 (`--init-from`) starts them fresh, and their first large losses shake the model for 100-200
 steps, unless `--carry-heads` takes them from the checkpoint beside the directory it continues.
-At the end the model,
-processor and a training record are written to `<out>/final/` in float16.
+At the end the model, processor and a training record are written to `<out>/final/` in float16.
 """
 from __future__ import annotations
 
@@ -89,6 +90,34 @@ class AuxHeads(nn.Module):
     def loss(self, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(F.cross_entropy(h(feats).flatten(0, 1).float(), labels[k].flatten())
                    for k, h in self.heads.items())
+
+
+def patch_cells(size: tuple[int, int]) -> np.ndarray:
+    """(patches,) each patch's cell of the 3 x 3 grid (row * 3 + column) on a (width, height) canvas,
+    the grid stretched over it as render_scene places the objects; the cell of the patch's centre."""
+    width, height = size
+    cell_w, cell_h = width // syn.GRID, height // syn.GRID
+    centre = np.arange(0, max(width, height), syn.PATCH) + syn.PATCH // 2
+    cols = np.minimum(centre[:width // syn.PATCH] // cell_w, syn.GRID - 1)
+    rows = np.minimum(centre[:height // syn.PATCH] // cell_h, syn.GRID - 1)
+    return (rows[:, None] * syn.GRID + cols[None, :]).flatten().astype(np.int64)
+
+
+class WhereHeads(nn.Module):
+    """Each patch names its grid cell from the tower's features and from the projector's output, so
+    that a visual token carries where it is, as a CLIP patch feature does (without it the tower kept
+    an object patch's cell poorly: a linear probe read 0.37 at the tower, 0.26 at the projector, and
+    the decoder took the cell from the sequence around the object, which pruning removes)."""
+
+    def __init__(self, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.tower = nn.Linear(vision_dim, syn.GRID * syn.GRID)
+        self.projector = nn.Linear(text_dim, syn.GRID * syn.GRID)
+
+    def loss(self, feats: torch.Tensor, image: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        target = cells.expand(len(feats), -1).flatten()
+        return sum(F.cross_entropy(h(x).flatten(0, 1).float(), target)
+                   for h, x in ((self.tower, feats), (self.projector, image)))
 
 
 class ImageHead(nn.Module):
@@ -328,6 +357,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     patch["queries"] = torch.tensor(queries, dtype=torch.long).view(-1, 2)
     patch["about"] = torch.tensor(about, dtype=torch.long).view(-1, len(ObjectHeads.FIELDS))
     patch["text_only"] = torch.tensor(blind, dtype=torch.bool)
+    patch["cell"] = torch.from_numpy(patch_cells(size))
     patch["ground"] = torch.from_numpy(np.stack(ground)) if ground else torch.zeros(0, n_image + 1)
     return pixels(images), input_ids, labels, weights, mask, patch, keep
 
@@ -392,7 +422,7 @@ def evaluate(model, processor, n_per_type: int = 20, split: str = "val") -> dict
     return scores
 
 
-HEADS = ("aux", "cls_head", "grounding", "proj_aux", "object_heads")
+HEADS = ("aux", "cls_head", "grounding", "proj_aux", "object_heads", "where")
 
 
 def carried_heads(init_from: str) -> dict:
@@ -511,6 +541,9 @@ def parser() -> argparse.ArgumentParser:
                     help="weight of the object heads: a question's state at --object-layer names the colour, "
                          "shape, size and letter of the one object it is about")
     ap.add_argument("--object-layer", type=int, default=8, help="decoder layer whose output the object heads read")
+    ap.add_argument("--where-weight", type=float, default=0.0,
+                    help="weight of the where heads (full stage): every patch names its grid cell from the "
+                         "tower's features and from the projector's output, as CLIP patch features carry place")
     ap.add_argument("--cls-weight", type=float, default=0.0, help="weight of the CLIP-like CLS objective")
     ap.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss")
     ap.add_argument("--ground-layer", type=int, default=8, help="decoder layer whose output the grounding loss reads")
@@ -617,20 +650,23 @@ def main(argv=None):
     proj_aux = AuxHeads(config.text_config.hidden_size)
     object_heads = ObjectHeads(config.text_config.hidden_size)
     cls_head = ImageHead(config.vision_config.hidden_size)
+    where = WhereHeads(config.vision_config.hidden_size, config.text_config.hidden_size)
     grounding = Grounding(config.text_config.hidden_size)
     # the optimiser holds the heads a checkpoint of the same options holds (the later heads only when used)
     heads = (aux, cls_head, grounding) + ((proj_aux,) if args.proj_aux_weight else ()) + \
-        ((object_heads,) if args.object_weight else ())
+        ((object_heads,) if args.object_weight else ()) + ((where,) if args.where_weight else ())
     model.to(device)
     for h in heads:
         h.to(device)
     params = list(model.parameters()) + [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     if args.carry_heads:
-        named = dict(zip(HEADS, (aux, cls_head, grounding, proj_aux, object_heads)))
-        for k, v in carried_heads(args.init_from).items():
+        named = dict(zip(HEADS, (aux, cls_head, grounding, proj_aux, object_heads, where)))
+        carried = carried_heads(args.init_from)
+        for k, v in carried.items():
             named[k].load_state_dict(v)
-        print(f"training-only heads carried over from {Path(args.init_from).parent / 'ckpt.pt'}", flush=True)
+        print(f"training-only heads carried over from {Path(args.init_from).parent / 'ckpt.pt'}"
+              + "".join(f"; {k} fresh (not in it)" for k in HEADS if k not in carried), flush=True)
     total = args.vision_steps + args.steps
     state = {"step": 0, "seconds": 0.0, "log": []}
     ckpt = out / "ckpt.pt"
@@ -645,6 +681,8 @@ def main(argv=None):
             proj_aux.load_state_dict(saved["proj_aux"])
         if "object_heads" in saved:
             object_heads.load_state_dict(saved["object_heads"])
+        if "where" in saved:
+            where.load_state_dict(saved["where"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         print(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
@@ -654,7 +692,8 @@ def main(argv=None):
         tmp = out / "ckpt.pt.tmp"
         torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "cls_head": cls_head.state_dict(),
                     "grounding": grounding.state_dict(), "proj_aux": proj_aux.state_dict(),
-                    "object_heads": object_heads.state_dict(), "opt": opt.state_dict(), "state": state,
+                    "object_heads": object_heads.state_dict(), "where": where.state_dict(),
+                    "opt": opt.state_dict(), "state": state,
                     "args": vars(args)}, tmp)
         os.replace(tmp, ckpt)
 
@@ -685,7 +724,7 @@ def main(argv=None):
         patch = {k: v.to(device) for k, v in patch.items()}
         keep = keep.to(device) if keep is not None else None
         positions = positions.to(device) if positions is not None else None
-        gl = cl = pl = al = torch.zeros((), device=device)
+        gl = cl = pl = al = wl = torch.zeros((), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             feats, pooled = vision_features(model, pv, pooled=True)
             aux_loss = aux.loss(feats, patch)
@@ -709,17 +748,19 @@ def main(argv=None):
                     al = object_heads.loss(hidden[args.object_layer + 1], patch["queries"], patch["about"])
                 if args.proj_aux_weight:
                     pl = proj_aux.loss(image, patch)  # every row's image, seen by the decoder or not
+                if args.where_weight:
+                    wl = where.loss(feats, image, patch["cell"])
                 loss = lm + args.aux_weight * aux_loss + args.cls_weight * cl + args.ground_weight * gl + \
-                    args.proj_aux_weight * pl + args.object_weight * al
+                    args.proj_aux_weight * pl + args.object_weight * al + args.where_weight * wl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] += 1
         state["seconds"] = time.time() - t0
-        running.append((lm.item(), aux_loss.item(), cl.item(), gl.item(), pl.item(), al.item()))
+        running.append((lm.item(), aux_loss.item(), cl.item(), gl.item(), pl.item(), al.item(), wl.item()))
         if state["step"] % 50 == 0:
-            lm_m, aux_m, cl_m, gl_m, pl_m, al_m = np.mean(running, axis=0)
+            lm_m, aux_m, cl_m, gl_m, pl_m, al_m, wl_m = np.mean(running, axis=0)
             running = []
             rec = {"step": state["step"], "lm": round(float(lm_m), 4), "aux": round(float(aux_m), 4),
                    "minutes": round(state["seconds"] / 60, 2)}
@@ -729,6 +770,8 @@ def main(argv=None):
                 rec["proj_aux"] = round(float(pl_m), 4)
             if args.object_weight:
                 rec["object"] = round(float(al_m), 4)
+            if args.where_weight:
+                rec["where"] = round(float(wl_m), 4)
             state["log"].append(rec)
             print(json.dumps(rec), flush=True)
         stopped = not vision_only and (args.max_minutes is not None and state["seconds"] > 60 * args.max_minutes
