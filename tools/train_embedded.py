@@ -114,10 +114,12 @@ class WhereHeads(nn.Module):
         self.tower = nn.Linear(vision_dim, syn.GRID * syn.GRID)
         self.projector = nn.Linear(text_dim, syn.GRID * syn.GRID)
 
-    def loss(self, feats: torch.Tensor, image: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    def loss(self, feats: torch.Tensor, image: torch.Tensor | None, cells: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every patch's cell from the tower's features and (but in the vision-only
+        stage, image None) from the projector's output."""
         target = cells.expand(len(feats), -1).flatten()
         return sum(F.cross_entropy(h(x).flatten(0, 1).float(), target)
-                   for h, x in ((self.tower, feats), (self.projector, image)))
+                   for h, x in ((self.tower, feats), (self.projector, image)) if x is not None)
 
 
 class ImageHead(nn.Module):
@@ -542,8 +544,8 @@ def parser() -> argparse.ArgumentParser:
                          "shape, size and letter of the one object it is about")
     ap.add_argument("--object-layer", type=int, default=8, help="decoder layer whose output the object heads read")
     ap.add_argument("--where-weight", type=float, default=0.0,
-                    help="weight of the where heads (full stage): every patch names its grid cell from the "
-                         "tower's features and from the projector's output, as CLIP patch features carry place")
+                    help="weight of the where heads: every patch names its grid cell from the tower's features "
+                         "(both stages) and the projector's output (full stage), as CLIP patch features carry place")
     ap.add_argument("--cls-weight", type=float, default=0.0, help="weight of the CLIP-like CLS objective")
     ap.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss")
     ap.add_argument("--ground-layer", type=int, default=8, help="decoder layer whose output the grounding loss reads")
@@ -732,7 +734,9 @@ def main(argv=None):
                 cl = cls_head.loss(pooled, patch["image"])
             if vision_only:
                 lm = torch.zeros((), device=device)
-                loss = aux_loss + args.cls_weight * cl
+                if args.where_weight:
+                    wl = where.loss(feats, None, patch["cell"])
+                loss = aux_loss + args.cls_weight * cl + args.where_weight * wl
             else:
                 image = model.model.multi_modal_projector(feats)
                 seen = ~patch["text_only"]  # rows whose conversation holds its image
