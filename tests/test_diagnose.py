@@ -1,5 +1,6 @@
 """tools.diagnose_embedded: its decoding matches transformers' generate, its conditions collapse to
 the full image when every token is kept, and its probe reads what is linearly there and only that."""
+import numpy as np
 import torch
 
 from harness.data import synthetic as syn
@@ -45,3 +46,12 @@ def test_probe_names_every_stage(tiny_llava_dir):
     table = de.probe(model, processor, 4)
     assert list(table)[:2] == ["tower", "projector"] and "decoder layer 3" in table
     assert all(0.0 <= v <= 1.0 for row in table.values() for v in row.values())
+
+
+def test_sinks_split_each_layers_attention_into_parts_that_sum_to_one(tiny_llava_dir, capsys):
+    model, processor = de.load(tiny_llava_dir, "eager")
+    table = de.sinks(model, processor, 3)
+    assert table.shape == (model.config.text_config.num_hidden_layers, len(de.SINK_PARTS))
+    assert np.allclose(table.sum(1), 1.0, atol=1e-4) and (table >= 0).all()
+    de.main(["sinks", "--model", tiny_llava_dir, "--samples", "2"])
+    assert len(capsys.readouterr().out.splitlines()) == 2 + model.config.text_config.num_hidden_layers
