@@ -24,7 +24,8 @@ def test_fill_conditions_equal_the_full_image_when_every_token_is_kept(tiny_llav
     model, processor = de.load(tiny_llava_dir)
     out = de.fill(model, processor, syn.NUM_PATCHES, 4)
     full = [p for _, p, _ in out["full"]]
-    for c in ("oracle kept", "oracle kept+fill", "oracle packed", "random kept", "random kept+fill"):
+    for c in ("oracle kept", "oracle kept+fill", "oracle kept+as many", "oracle packed", "random kept",
+              "random kept+fill"):
         assert [p for _, p, _ in out[c]] == full, c
     de.main(["fill", "--model", tiny_llava_dir, "--tokens", "8", "--samples", "3"])
     lines = capsys.readouterr().out.splitlines()
