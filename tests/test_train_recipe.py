@@ -255,3 +255,23 @@ def test_patch_cells_are_the_grid_cells_render_scene_places_objects_in():
             _, objects = syn.render_scene(random.Random(k), size)
             for o in objects:  # the patch an object covers most lies in the object's cell
                 assert cells[int(np.argmax(o.patch_pixels))] == o.cell, (size, o)
+
+
+def test_publish_history_survives_an_installed_directory_overwritten_by_a_descendant(tmp_path):
+    import json
+
+    from tools import publish_embedded as pe
+
+    installed, later = tmp_path / "installed", tmp_path / "later"
+    installed.mkdir()
+    later.mkdir()
+    def rec(init, seed):
+        argv = ["--recipe", "neutral", "--seed", str(seed)] + (["--init-from", str(init)] if init else [])
+        return {"args": vars(te.parse_args(argv)), "steps": 10, "minutes": 1.0}
+
+    first = rec(None, 1)
+    second = rec(installed, 2)  # continued from the installed model (first) ...
+    (later / "training.json").write_text(json.dumps(second))
+    # ... which was then replaced in place by `second` itself (installed with its history)
+    (installed / "training.json").write_text(json.dumps({"stages": [first, second]}))
+    assert [st["args"]["seed"] for st in pe.history(later)] == [1, 2]

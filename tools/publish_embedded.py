@@ -66,7 +66,10 @@ def history(src: Path) -> list[dict]:
     chain = record.get("stages", [record])
     while chain[0]["args"].get("init_from") and "stages" not in record:
         record = json.loads((Path(chain[0]["args"]["init_from"]) / "training.json").read_text())
-        chain = record.get("stages", [record]) + chain
+        stages = record.get("stages", [record])
+        if chain[0] in stages:  # an installed directory since overwritten by a model continued from it
+            stages = stages[:stages.index(chain[0])]
+        chain = stages + chain
     return chain
 
 
