@@ -149,20 +149,21 @@ def fill(model, processor, tokens: int, samples: int, start: int = 600, seed: in
         every = torch.arange(n)
         oracle = torch.from_numpy(np.argsort(-s.patch_priority(), kind="stable")[:tokens].copy()).sort().values
         chance = torch.from_numpy(rng.permutation(n)[:tokens]).sort().values
-        runs = {"full": (proj, every), "blank": (empty[chance], chance),
+        # (visual tokens, their image slots, the image's length: the text starts after it)
+        runs = {"full": (proj, every, n), "blank": (empty[chance], chance, n),
                 "oracle packed": (proj[oracle], torch.arange(tokens), tokens)}
         for name, keep in (("oracle", oracle), ("random", chance)):
             filled = empty.clone()
             filled[keep] = proj[keep]
-            runs[f"{name} kept"] = (proj[keep], keep)
-            runs[f"{name} kept+fill"] = (filled, every)
+            runs[f"{name} kept"] = (proj[keep], keep, n)
+            runs[f"{name} kept+fill"] = (filled, every, n)
             if name == "oracle":  # as many empty-canvas tokens again, at random removed positions
                 others = np.setdiff1d(np.arange(n), keep.numpy())
                 some = torch.from_numpy(np.sort(np.concatenate([keep.numpy(), extra.permutation(others)[:tokens]])))
-                runs["oracle kept+as many"] = (filled[some], some)
+                runs["oracle kept+as many"] = (filled[some], some, n)
         for c in CONDITIONS:
-            visual, positions, *n_image = runs[c]  # (a packed run's image ends after its own tokens)
-            pred = answer(model, processor.tokenizer, s.question, visual, positions, n_image=(n_image or [n])[0])
+            visual, positions, n_image = runs[c]
+            pred = answer(model, processor.tokenizer, s.question, visual, positions, n_image=n_image)
             out[c].append((s, pred, syn.score(s.qtype, pred, s.answer)))
     return out
 

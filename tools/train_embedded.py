@@ -662,8 +662,8 @@ def main(argv=None):
         h.to(device)
     params = list(model.parameters()) + [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    named = dict(zip(HEADS, (aux, cls_head, grounding, proj_aux, object_heads, where)))
     if args.carry_heads:
-        named = dict(zip(HEADS, (aux, cls_head, grounding, proj_aux, object_heads, where)))
         carried = carried_heads(args.init_from)
         for k, v in carried.items():
             named[k].load_state_dict(v)
@@ -675,16 +675,9 @@ def main(argv=None):
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False, map_location=device)
         model.load_state_dict(saved["model"])
-        aux.load_state_dict(saved["aux"])
-        if "cls_head" in saved:
-            cls_head.load_state_dict(saved["cls_head"])
-            grounding.load_state_dict(saved["grounding"])
-        if "proj_aux" in saved:
-            proj_aux.load_state_dict(saved["proj_aux"])
-        if "object_heads" in saved:
-            object_heads.load_state_dict(saved["object_heads"])
-        if "where" in saved:
-            where.load_state_dict(saved["where"])
+        for k, h in named.items():  # (an older checkpoint lacks the heads added after it)
+            if k in saved:
+                h.load_state_dict(saved[k])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         print(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min trained)", flush=True)
@@ -692,11 +685,8 @@ def main(argv=None):
 
     def save():
         tmp = out / "ckpt.pt.tmp"
-        torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "cls_head": cls_head.state_dict(),
-                    "grounding": grounding.state_dict(), "proj_aux": proj_aux.state_dict(),
-                    "object_heads": object_heads.state_dict(), "where": where.state_dict(),
-                    "opt": opt.state_dict(), "state": state,
-                    "args": vars(args)}, tmp)
+        torch.save({"model": model.state_dict(), **{k: h.state_dict() for k, h in named.items()},
+                    "opt": opt.state_dict(), "state": state, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt)
 
     t0 = time.time() - state["seconds"]
