@@ -275,3 +275,60 @@ def test_publish_history_survives_an_installed_directory_overwritten_by_a_descen
     # ... which was then replaced in place by `second` itself (installed with its history)
     (installed / "training.json").write_text(json.dumps({"stages": [first, second]}))
     assert [st["args"]["seed"] for st in pe.history(later)] == [1, 2]
+
+
+def test_text_scene_rows_read_their_description_where_the_image_would_be():
+    tok = embedded.build_processor().tokenizer
+    image_id = embedded.build_config().image_token_id
+    _, ids, labels, _, mask, patch, _ = te.batch_of(8, 10, tok, image_id, 0, text_scenes=1.0)
+    assert not bool((ids == image_id).any()) and bool(patch["text_only"].all())
+    assert len(patch["queries"]) == 0  # no grounding or object target without the image
+    _, seen, seen_labels, *_ = te.batch_of(8, 10, tok, image_id, 0)
+    vocab = tok.get_vocab()
+    for b in range(10):
+        _, turns, objects, _ = syn.make_conversation(8 * 10 + b)
+        scene = [vocab[w] for w in syn.describe(objects).split()]
+        n = int(mask[b].sum())
+        assert ids[b, 2:2 + len(scene)].tolist() == scene  # <s> USER: <the scene in words> <question> ...
+        assert ids[b, 2 + len(scene):n].tolist() == [t for t in seen[b].tolist()[2:]
+                                                     if t not in (image_id, tok.pad_token_id)]
+        assert sorted(labels[b][labels[b] != -100].tolist()) == sorted(seen_labels[b][seen_labels[b] != -100].tolist())
+    mixed = te.batch_of(8, 12, tok, image_id, 0, text_scenes=0.5)[5]["text_only"]
+    assert 0 < int(mixed.sum()) < 12
+    with pytest.raises(SystemExit):  # a language stage takes no image-side objective
+        te.parse_args(["--recipe", "neutral", "--language-stage"])
+    for bad in (["--text-scenes", "1.5"], ["--freeze", "tower,eyes"]):
+        with pytest.raises(SystemExit):
+            te.parse_args(["--recipe", "neutral"] + bad)
+
+
+LANGUAGE = ["--language-stage", "--pos-gaps", "0", "--cls-weight", "0", "--ground-weight", "0"]
+
+
+def test_llava_stages_train_only_the_parts_they_name(tmp_path, monkeypatch):
+    """A language stage never runs the tower; --vision-from takes another model's tower; --freeze
+    tower,decoder (LLaVA-1.5's alignment stage) changes the projector alone."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    common = ["--recipe", "neutral", "--batch", "2", "--eval-n", "0", "--threads", "1", "--device", "cpu"]
+    real = te.vision_features
+
+    def forbidden(*a, **k):
+        raise AssertionError("a language stage ran the vision tower")
+
+    monkeypatch.setattr(te, "vision_features", forbidden)
+    te.main(common + LANGUAGE + ["--out", str(tmp_path / "a"), "--steps", "2"])
+    monkeypatch.setattr(te, "vision_features", real)
+    torch.manual_seed(5)
+    LlavaForConditionalGeneration(embedded.build_config()).half().save_pretrained(tmp_path / "clip")
+    te.main(common + ["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a" / "final"), "--steps", "2",
+                      "--vision-from", str(tmp_path / "clip"), "--freeze", "tower,decoder"])
+    a, b, clip = (load_file(tmp_path / d / "model.safetensors") for d in ("a/final", "b/final", "clip"))
+    tower = [k for k in b if "vision_tower" in k]
+    projector = [k for k in b if "multi_modal_projector" in k]
+    decoder = [k for k in b if k not in tower and k not in projector]
+    assert tower and projector and decoder
+    assert all(torch.equal(b[k], clip[k]) for k in tower)
+    assert all(torch.equal(b[k], a[k]) for k in decoder)
+    assert not all(torch.equal(b[k], a[k]) for k in projector)

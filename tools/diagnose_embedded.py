@@ -172,23 +172,47 @@ SINK_PARTS = ("<s>", "object", "background", "text")
 
 
 @torch.no_grad()
-def sinks(model, processor, samples: int, start: int = 600) -> np.ndarray:
+def read_prompt(processor, s: syn.Sample) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The sample's scene as words where its image would be (a language stage's reading form):
+    the model's inputs, and masks of the words naming the question's objects and of the other
+    words of the description."""
+    phrases = [o.phrase().split() for o in s.objects]
+    words, about = [], []
+    for i, p in enumerate(phrases):
+        words += p + ([";"] if i < len(phrases) - 1 else [])
+        about += [i in s.relevant] * len(p) + ([False] if i < len(phrases) - 1 else [])
+    x = processor.tokenizer("USER: " + " ".join(words) + f" {s.question} ASSISTANT:", return_tensors="pt")
+    n = x["input_ids"].shape[1]
+    scene = torch.zeros(n, dtype=torch.bool)
+    scene[2:2 + len(words)] = True  # after <s> and USER:
+    on_object = torch.zeros(n, dtype=torch.bool)
+    on_object[2:2 + len(words)] = torch.tensor(about)
+    return x, on_object, scene & ~on_object
+
+
+def sinks(model, processor, samples: int, start: int = 600, read: bool = False) -> np.ndarray:
     """(layers, 4) the last prompt token's attention on SINK_PARTS, mean over heads and the first
-    `samples` short-answer test samples from `start` on (needs eager attention)."""
+    `samples` short-answer test samples from `start` on (needs eager attention). With `read` the
+    scene is given in words (read_prompt): "object" is then the words naming the question's
+    objects and "background" the description's other words."""
     rows = []
     for s in syn.short_answer_samples("test", start, samples):
-        x = processor(images=s.image, text=embedded.prompt(s.question), return_tensors="pt")
+        if read:
+            x, on_object, off_object = read_prompt(processor, s)
+        else:
+            x = processor(images=s.image, text=embedded.prompt(s.question), return_tensors="pt")
+            is_visual = x["input_ids"][0] == model.config.image_token_id
+            on_object = is_visual.clone()
+            on_object[is_visual] = torch.from_numpy(s.patch_objectness() > 0)
+            off_object = is_visual & ~on_object
         attentions = model(**x, output_attentions=True).attentions
-        is_visual = x["input_ids"][0] == model.config.image_token_id
-        visual = is_visual.nonzero().flatten()
-        on_object = torch.from_numpy(s.patch_objectness() > 0)
-        text = ~is_visual
+        text = ~(on_object | off_object)
         text[0] = False
         per_layer = []
         for a in attentions:
             last = a[0, :, -1].mean(0)  # over heads: (sequence,)
-            per_layer.append((float(last[0]), float(last[visual[on_object]].sum()),
-                              float(last[visual[~on_object]].sum()), float(last[text].sum())))
+            per_layer.append((float(last[0]), float(last[on_object].sum()),
+                              float(last[off_object].sum()), float(last[text].sum())))
         rows.append(per_layer)
     return np.mean(rows, axis=0)
 
@@ -206,13 +230,16 @@ def main(argv=None) -> None:
     k = sub.add_parser("sinks", help="where the question's attention goes: <s>, objects, background, text")
     k.add_argument("--model", default=str(embedded.EMBEDDED_DIR))
     k.add_argument("--samples", type=int, default=40)
+    k.add_argument("--read", action="store_true",
+                   help="give the scene in words where the image would be (a language stage's reading form)")
     a = ap.parse_args(argv)
     if a.check == "fill" and not 1 <= a.tokens <= syn.NUM_PATCHES:
         ap.error(f"--tokens {a.tokens}: must be from 1 to {syn.NUM_PATCHES}")
     model, processor = load(a.model, "eager" if a.check == "sinks" else None)
     if a.check == "sinks":
-        table = sinks(model, processor, a.samples)
-        print(f"{a.model}: the last prompt token's attention, mean over heads and {a.samples} samples")
+        table = sinks(model, processor, a.samples, read=a.read)
+        print(f"{a.model}: the last prompt token's attention, mean over heads and {a.samples} samples"
+              + ("; the scene read as words" if a.read else ""))
         print("layer " + " ".join(f"{p:>10s}" for p in SINK_PARTS))
         for i, row in enumerate(table):
             print(f"{i:5d} " + " ".join(f"{v:10.2f}" for v in row))

@@ -89,7 +89,14 @@ def neutral_text(stage: dict, i: int) -> str:
     cmd = train_embedded.command(a, out, init, stage["steps"] if stage["steps"] < planned else None)
     weights = ", ".join(f"{k} x{v:g}" for k, v in (a.get("type_weights") or {}).items())
     what = ("continuing the stage above" + (", its training-only heads too" if a.get("carry_heads") else "")
-            if init else f"from scratch ({a['vision_steps']} vision-only steps first)")
+            if init else "from scratch" + ("" if a.get("language_stage") else f" ({a['vision_steps']} vision-only steps first)"))
+    if a.get("language_stage"):
+        return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps, batch {a['batch']}, lr {a['lr']:g}, AdamW, "
+                f"warm-up then cosine, bf16 autocast, {stage['minutes']} minutes on {where(stage)}; {what}; a language "
+                f"stage: the decoder alone, every conversation reading its scene as words where the image would be "
+                f"(its description), the tower and projector neither run nor changed.\n")
+    what += (f"; the vision tower taken from `{a['vision_from']}` at the start" if a.get("vision_from") else "")
+    what += (f"; frozen: {', '.join(a['freeze'])}" if a.get("freeze") else "")
     what += (f"; no token dropout; position-id gaps in {100 * a['pos_gaps']:.0f} % of conversations, "
              f"the CLIP-like CLS objective x {a['cls_weight']:g}, grounding at decoder layer {a['ground_layer']} "
              f"x {a['ground_weight']:g}; questions per conversation up to {a.get('max_turns', 4)}"
@@ -103,6 +110,8 @@ def neutral_text(stage: dict, i: int) -> str:
              + (f"; object heads at decoder layer {a['object_layer']} x {a['object_weight']:g}"
                 if a.get("object_weight") else "")
              + (f"; {100 * a['text_only']:g} % of conversations asked with no image" if a.get("text_only") else "")
+             + (f"; {100 * a['text_scenes']:g} % read their scene as words instead of seeing it"
+                if a.get("text_scenes") else "")
              + (f"; every patch names its grid cell from the tower's features and the projector's output "
                 f"x {a['where_weight']:g}" if a.get("where_weight") else ""))
     stop = f" (stopped by a time budget; {planned} planned)" if stage["steps"] < planned else ""

@@ -115,9 +115,9 @@ class WhereHeads(nn.Module):
         self.projector = nn.Linear(text_dim, syn.GRID * syn.GRID)
 
     def loss(self, feats: torch.Tensor, image: torch.Tensor | None, cells: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of every patch's cell from the tower's features and (but in the vision-only
-        stage, image None) from the projector's output."""
-        target = cells.expand(len(feats), -1).flatten()
+        """Cross-entropy of every patch's cell from the tower's features (but for a frozen tower,
+        feats None) and (but in the vision-only stage, image None) from the projector's output."""
+        target = cells.expand(len(feats if feats is not None else image), -1).flatten()
         return sum(F.cross_entropy(h(x).flatten(0, 1).float(), target)
                    for h, x in ((self.tower, feats), (self.projector, image)) if x is not None)
 
@@ -244,9 +244,10 @@ def encode_conversation(tok, turns, image_token_id, n_image, turn_mean: bool = F
     return encode_turns(tok, turns, image_token_id, n_image, turn_mean)[:3]
 
 
-def encode_turns(tok, turns, image_token_id, n_image, turn_mean: bool = False):
+def encode_turns(tok, turns, image_token_id, n_image, turn_mean: bool = False, scene: str | None = None):
     """encode_conversation, plus the position of each turn's last prompt token (its "ASSISTANT:",
-    whose state predicts the answer's first word)."""
+    whose state predicts the answer's first word). With `scene` (a description in words) the first
+    turn holds it where the image would be: the conversation reads the scene instead of seeing it."""
     vocab = tok.get_vocab()
     ids, labels, weights, queries = [tok.bos_token_id], [-100], [0.0], []
 
@@ -254,7 +255,8 @@ def encode_turns(tok, turns, image_token_id, n_image, turn_mean: bool = False):
         return [vocab[w] for w in text.split()]
 
     for t, (q, a) in enumerate(turns):
-        head = words("USER:") + ([image_token_id] * n_image if t == 0 else []) + words(q + " ASSISTANT:")
+        shown = (words(scene) if scene else [image_token_id] * n_image) if t == 0 else []
+        head = words("USER:") + shown + words(q + " ASSISTANT:")
         ans = words(a) + [tok.eos_token_id]
         ids += head
         queries.append(len(ids) - 1)
@@ -305,13 +307,16 @@ def canvas_of(step: int, seed: int, sides) -> tuple[int, int]:
 
 def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop: bool = False,
              object_drop: float = 0.0, type_weights=None, turn_mean: bool = False, max_turns: int = 4,
-             size: tuple[int, int] = (syn.IMAGE_SIZE, syn.IMAGE_SIZE), text_only: float = 0.0):
+             size: tuple[int, int] = (syn.IMAGE_SIZE, syn.IMAGE_SIZE), text_only: float = 0.0,
+             text_scenes: float = 0.0):
     """One training batch, every image on a `size` canvas (width, height). With `drop`, rows lose
     visual tokens (see visual_dropout); of the rows that do, a fraction `object_drop` instead keeps
     an oracle-like subset around the first question's objects (object_keep) and is cut to that one
     question. A fraction `text_only` of the rows (drawn per row) asks its questions with no image,
     as LLaVA-1.5's text-only conversations do: their answers teach the language prior, and they
-    have no grounding or object targets (patch["text_only"] marks them)."""
+    have no grounding or object targets (patch["text_only"] marks them). Of the other rows, a
+    fraction `text_scenes` reads its scene as words (syn.describe) where the image would be: a
+    language model's reading comprehension, no image either (patch["text_only"] marks them too)."""
     if drop and tuple(size) != (syn.IMAGE_SIZE, syn.IMAGE_SIZE):
         raise ValueError(f"visual dropout needs the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas, got {size}")
     convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, max_turns=max_turns,
@@ -319,6 +324,9 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     n_image = (size[0] // syn.PATCH) * (size[1] // syn.PATCH)
     g_text = torch.Generator().manual_seed(seed * 5_000_011 + step)
     blind = [text_only > 0 and float(torch.rand((), generator=g_text)) < text_only for _ in range(batch)]
+    g_read = torch.Generator().manual_seed(seed * 6_000_007 + step)
+    read = [text_scenes > 0 and not blind[b] and float(torch.rand((), generator=g_read)) < text_scenes
+            for b in range(batch)]
     keep = visual_dropout(step, batch, syn.NUM_PATCHES, seed) if drop else None
     if drop and object_drop > 0:
         g = torch.Generator().manual_seed(seed * 7_000_009 + step)
@@ -330,7 +338,8 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     images, seqs, labs, wts, patch = [], [], [], [], {k: [] for k in ("color", "shape", "letter")}
     image_targets, queries, ground, about = [], [], [], []
     for b, (image, turns, objects, relevant) in enumerate(convs):
-        ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, 0 if blind[b] else n_image, turn_mean)
+        ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, 0 if blind[b] or read[b] else n_image,
+                                         turn_mean, syn.describe(objects) if read[b] else None)
         images.append(image)
         seqs.append(ids)
         labs.append(lab)
@@ -340,7 +349,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
         image_targets.append(ImageHead.targets(objects))
         for (q, a), hits, pos in zip(turns, relevant, qpos):
             target = grounding_target(q, a, hits, objects)
-            if target is not None and not blind[b]:
+            if target is not None and not (blind[b] or read[b]):
                 queries.append((b, pos))
                 ground.append(target)
                 about.append(ObjectHeads.targets(hits, objects))
@@ -358,7 +367,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     patch["image"] = torch.from_numpy(np.stack(image_targets))
     patch["queries"] = torch.tensor(queries, dtype=torch.long).view(-1, 2)
     patch["about"] = torch.tensor(about, dtype=torch.long).view(-1, len(ObjectHeads.FIELDS))
-    patch["text_only"] = torch.tensor(blind, dtype=torch.bool)
+    patch["text_only"] = torch.tensor([a or r for a, r in zip(blind, read)], dtype=torch.bool)
     patch["cell"] = torch.from_numpy(patch_cells(size))
     patch["ground"] = torch.from_numpy(np.stack(ground)) if ground else torch.zeros(0, n_image + 1)
     return pixels(images), input_ids, labels, weights, mask, patch, keep
@@ -379,7 +388,8 @@ def lm_loss(model, image, input_ids, labels, weights, mask, visual_keep=None, po
     every layer's hidden states, (lm loss, hidden states)."""
     emb = model.get_input_embeddings()(input_ids)
     is_image = input_ids == model.config.image_token_id
-    emb = emb.masked_scatter(is_image.unsqueeze(-1).expand_as(emb), image.to(emb.dtype))
+    if image is not None:  # (None: no row holds an image)
+        emb = emb.masked_scatter(is_image.unsqueeze(-1).expand_as(emb), image.to(emb.dtype))
     if visual_keep is not None:  # drop visual tokens; the rest keep their original positions
         rows = mask.bool().clone()
         rows[is_image] = visual_keep.flatten()  # M image slots per row, in order
@@ -460,6 +470,27 @@ def parse_sides(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"canvas side {bad[0]} of {text!r}: sides must be multiples of {syn.PATCH} from {3 * syn.PATCH} up")
     return sides
+
+
+PARTS = ("tower", "projector", "decoder")
+
+
+def parse_parts(text: str) -> list[str]:
+    """'tower,decoder' -> ['tower', 'decoder'] (parts of the model, PARTS)."""
+    parts = [v for v in text.split(",") if v]
+    bad = [v for v in parts if v not in PARTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown part {bad[0]!r} in {text!r}; allowed: {', '.join(PARTS)}")
+    return parts
+
+
+def part_parameters(model, part: str) -> list:
+    """The parameters of one of PARTS (the decoder: embeddings, layers, final norm and LM head)."""
+    if part == "tower":
+        return list(model.model.vision_tower.parameters())
+    if part == "projector":
+        return list(model.model.multi_modal_projector.parameters())
+    return list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -556,6 +587,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-only", type=float, default=0.0,
                     help="fraction of full-stage conversations asked with no image (the language prior, "
                          "as in LLaVA-1.5's text-only data); default none")
+    ap.add_argument("--text-scenes", type=float, default=0.0,
+                    help="fraction of full-stage conversations that read their scene as words (its description "
+                         "where the image would be) instead of seeing it; default none")
+    ap.add_argument("--language-stage", action="store_true",
+                    help="a text-only language-model stage, as an LLM is trained before it meets images: every "
+                         "conversation reads its scene in words (or, with --text-only, has none); the tower and "
+                         "projector are neither run nor changed; no vision stage")
+    ap.add_argument("--vision-from", default=None,
+                    help="a saved model directory whose vision tower replaces this model's at the start (as LLaVA "
+                         "takes a pretrained CLIP)")
+    ap.add_argument("--freeze", type=parse_parts, default=[],
+                    help="parts that do not learn, of " + ", ".join(PARTS) + " (LLaVA-1.5: the tower always; "
+                         "the decoder too while the projector alone aligns)")
     ap.add_argument("--max-turns", type=int, default=4,
                     help="questions per training conversation, at most (1: single-turn, no answer in context)")
     ap.add_argument("--max-minutes", type=float, default=None,
@@ -579,6 +623,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--ground-weight and --object-weight need --drop-from none (they read every visual token's row)")
     if args.text_only and args.drop_from is not None:
         ap.error(f"--text-only {args.text_only:g} needs --drop-from none (visual dropout expects every row's image)")
+    if args.language_stage and (args.ground_weight or args.object_weight or args.proj_aux_weight
+                                or args.where_weight or args.cls_weight or args.pos_gaps):
+        ap.error("--language-stage sees no image: it takes none of --ground-weight, --object-weight, "
+                 "--proj-aux-weight, --where-weight, --cls-weight, --pos-gaps (give them as 0)")
+    if args.language_stage and args.drop_from is not None:
+        ap.error("--language-stage needs --drop-from none (no row holds an image to drop tokens from)")
+    if not 0 <= args.text_scenes <= 1 or not 0 <= args.text_only <= 1:
+        ap.error(f"--text-scenes {args.text_scenes:g} and --text-only {args.text_only:g} are fractions from 0 to 1")
+    if args.text_scenes and args.drop_from is not None:
+        ap.error(f"--text-scenes {args.text_scenes:g} needs --drop-from none (visual dropout expects every row's image)")
     if args.carry_heads and not args.init_from:
         ap.error("--carry-heads needs --init-from (the heads come from the run that wrote that directory)")
     if args.canvas_sides and args.drop_from is not None:
@@ -625,7 +679,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
-    if args.init_from:
+    if args.init_from or args.language_stage:
         args.vision_steps = 0
 
     from transformers import LlavaForConditionalGeneration
@@ -648,6 +702,14 @@ def main(argv=None):
         model.config.text_config._attn_implementation = "sdpa"
     else:
         model = LlavaForConditionalGeneration(config)
+    if args.vision_from:
+        donor = LlavaForConditionalGeneration.from_pretrained(args.vision_from, dtype=torch.float32)
+        model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
+        del donor
+    frozen = {id(p) for part in args.freeze for p in part_parameters(model, part)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    tower_learns = "tower" not in args.freeze and not args.language_stage
     aux = AuxHeads(config.vision_config.hidden_size)
     proj_aux = AuxHeads(config.text_config.hidden_size)
     object_heads = ObjectHeads(config.text_config.hidden_size)
@@ -660,7 +722,7 @@ def main(argv=None):
     model.to(device)
     for h in heads:
         h.to(device)
-    params = list(model.parameters()) + [p for h in heads for p in h.parameters()]
+    params = [p for p in model.parameters() if p.requires_grad] + [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     named = dict(zip(HEADS, (aux, cls_head, grounding, proj_aux, object_heads, where)))
     if args.carry_heads:
@@ -699,7 +761,8 @@ def main(argv=None):
                         drop=drop, object_drop=args.object_drop, type_weights=args.type_weights,
                         turn_mean=args.turn_mean and step - args.vision_steps >= args.turn_mean_from,
                         max_turns=args.max_turns, size=canvas_of(step, args.seed, args.canvas_sides),
-                        text_only=0.0 if vision_only else args.text_only)
+                        text_only=0.0 if vision_only else args.text_only,
+                        text_scenes=0.0 if vision_only else 1.0 if args.language_stage else args.text_scenes)
 
     batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
                                           num_workers=workers, prefetch_factor=4 if workers else None)
@@ -716,18 +779,23 @@ def main(argv=None):
         patch = {k: v.to(device) for k, v in patch.items()}
         keep = keep.to(device) if keep is not None else None
         positions = positions.to(device) if positions is not None else None
-        gl = cl = pl = al = wl = torch.zeros((), device=device)
+        gl = cl = pl = al = wl = aux_loss = torch.zeros((), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            feats, pooled = vision_features(model, pv, pooled=True)
-            aux_loss = aux.loss(feats, patch)
-            if args.cls_weight:
-                cl = cls_head.loss(pooled, patch["image"])
-            if vision_only:
+            if args.language_stage:  # no image anywhere: the decoder alone
+                lm = loss = lm_loss(model, None, ids, labels, weights, mask)
+            else:
+                with torch.set_grad_enabled(tower_learns):
+                    feats, pooled = vision_features(model, pv, pooled=True)
+                if tower_learns:  # (a frozen tower's losses would train their heads alone)
+                    aux_loss = aux.loss(feats, patch)
+                    if args.cls_weight:
+                        cl = cls_head.loss(pooled, patch["image"])
+            if vision_only:  # (never in a language stage)
                 lm = torch.zeros((), device=device)
                 if args.where_weight:
                     wl = where.loss(feats, None, patch["cell"])
                 loss = aux_loss + args.cls_weight * cl + args.where_weight * wl
-            else:
+            elif not args.language_stage:
                 image = model.model.multi_modal_projector(feats)
                 seen = ~patch["text_only"]  # rows whose conversation holds its image
                 states = bool(args.ground_weight or args.object_weight)
@@ -743,7 +811,7 @@ def main(argv=None):
                 if args.proj_aux_weight:
                     pl = proj_aux.loss(image, patch)  # every row's image, seen by the decoder or not
                 if args.where_weight:
-                    wl = where.loss(feats, image, patch["cell"])
+                    wl = where.loss(feats if tower_learns else None, image, patch["cell"])
                 loss = lm + args.aux_weight * aux_loss + args.cls_weight * cl + args.ground_weight * gl + \
                     args.proj_aux_weight * pl + args.object_weight * al + args.where_weight * wl
         opt.zero_grad(set_to_none=True)
