@@ -293,11 +293,18 @@ def test_text_scene_rows_read_their_description_where_the_image_would_be():
         assert ids[b, 2 + len(scene):n].tolist() == [t for t in seen[b].tolist()[2:]
                                                      if t not in (image_id, tok.pad_token_id)]
         assert sorted(labels[b][labels[b] != -100].tolist()) == sorted(seen_labels[b][seen_labels[b] != -100].tolist())
+    _, same, every, weights, *_ = te.batch_of(8, 10, tok, image_id, 0, text_scenes=1.0, all_tokens=True)
+    assert torch.equal(same, ids)  # a language model's labels: every token after <s>, weighing 1
+    real = mask.bool() & (torch.arange(ids.shape[1]) > 0)
+    assert torch.equal(every[real], ids[real]) and bool((every[~real] == -100).all())
+    assert torch.equal(weights, real.float())
+    _, _, image_labels, *_ = te.batch_of(8, 3, tok, image_id, 0, all_tokens=True)
+    assert not bool((image_labels == image_id).any())  # an image placeholder is never a label
     mixed = te.batch_of(8, 12, tok, image_id, 0, text_scenes=0.5)[5]["text_only"]
     assert 0 < int(mixed.sum()) < 12
     with pytest.raises(SystemExit):  # a language stage takes no image-side objective
         te.parse_args(["--recipe", "neutral", "--language-stage"])
-    for bad in (["--text-scenes", "1.5"], ["--freeze", "tower,eyes"]):
+    for bad in (["--text-scenes", "1.5"], ["--freeze", "tower,eyes"], ["--all-tokens"]):
         with pytest.raises(SystemExit):
             te.parse_args(["--recipe", "neutral"] + bad)
 
@@ -318,7 +325,7 @@ def test_llava_stages_train_only_the_parts_they_name(tmp_path, monkeypatch):
         raise AssertionError("a language stage ran the vision tower")
 
     monkeypatch.setattr(te, "vision_features", forbidden)
-    te.main(common + LANGUAGE + ["--out", str(tmp_path / "a"), "--steps", "2"])
+    te.main(common + LANGUAGE + ["--all-tokens", "--out", str(tmp_path / "a"), "--steps", "2"])
     monkeypatch.setattr(te, "vision_features", real)
     torch.manual_seed(5)
     LlavaForConditionalGeneration(embedded.build_config()).half().save_pretrained(tmp_path / "clip")

@@ -94,7 +94,9 @@ def neutral_text(stage: dict, i: int) -> str:
         return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps, batch {a['batch']}, lr {a['lr']:g}, AdamW, "
                 f"warm-up then cosine, bf16 autocast, {stage['minutes']} minutes on {where(stage)}; {what}; a language "
                 f"stage: the decoder alone, every conversation reading its scene as words where the image would be "
-                f"(its description), the tower and projector neither run nor changed.\n")
+                f"(its description), the tower and projector neither run nor changed"
+                + ("; next-token loss on every token, as a language model is pretrained" if a.get("all_tokens") else
+                   "; loss on the answers") + ".\n")
     what += (f"; the vision tower taken from `{a['vision_from']}` at the start" if a.get("vision_from") else "")
     what += (f"; frozen: {', '.join(a['freeze'])}" if a.get("freeze") else "")
     what += (f"; no token dropout; position-id gaps in {100 * a['pos_gaps']:.0f} % of conversations, "

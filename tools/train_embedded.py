@@ -244,10 +244,13 @@ def encode_conversation(tok, turns, image_token_id, n_image, turn_mean: bool = F
     return encode_turns(tok, turns, image_token_id, n_image, turn_mean)[:3]
 
 
-def encode_turns(tok, turns, image_token_id, n_image, turn_mean: bool = False, scene: str | None = None):
+def encode_turns(tok, turns, image_token_id, n_image, turn_mean: bool = False, scene: str | None = None,
+                 all_tokens: bool = False):
     """encode_conversation, plus the position of each turn's last prompt token (its "ASSISTANT:",
     whose state predicts the answer's first word). With `scene` (a description in words) the first
-    turn holds it where the image would be: the conversation reads the scene instead of seeing it."""
+    turn holds it where the image would be: the conversation reads the scene instead of seeing it.
+    With `all_tokens` every token after <s> but the image's is a label weighing 1, as in a language
+    model's pretraining (`turn_mean` then has no effect)."""
     vocab = tok.get_vocab()
     ids, labels, weights, queries = [tok.bos_token_id], [-100], [0.0], []
 
@@ -261,8 +264,12 @@ def encode_turns(tok, turns, image_token_id, n_image, turn_mean: bool = False, s
         ids += head
         queries.append(len(ids) - 1)
         ids += ans
-        labels += [-100] * len(head) + ans
-        weights += [0.0] * len(head) + [1.0 / len(ans) if turn_mean else 1.0] * len(ans)
+        if all_tokens:
+            labels += [-100 if t == image_token_id else t for t in head] + ans
+            weights += [0.0 if t == image_token_id else 1.0 for t in head] + [1.0] * len(ans)
+        else:
+            labels += [-100] * len(head) + ans
+            weights += [0.0] * len(head) + [1.0 / len(ans) if turn_mean else 1.0] * len(ans)
     return ids, labels, weights, queries
 
 
@@ -308,7 +315,7 @@ def canvas_of(step: int, seed: int, sides) -> tuple[int, int]:
 def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop: bool = False,
              object_drop: float = 0.0, type_weights=None, turn_mean: bool = False, max_turns: int = 4,
              size: tuple[int, int] = (syn.IMAGE_SIZE, syn.IMAGE_SIZE), text_only: float = 0.0,
-             text_scenes: float = 0.0):
+             text_scenes: float = 0.0, all_tokens: bool = False):
     """One training batch, every image on a `size` canvas (width, height). With `drop`, rows lose
     visual tokens (see visual_dropout); of the rows that do, a fraction `object_drop` instead keeps
     an oracle-like subset around the first question's objects (object_keep) and is cut to that one
@@ -316,7 +323,8 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     as LLaVA-1.5's text-only conversations do: their answers teach the language prior, and they
     have no grounding or object targets (patch["text_only"] marks them). Of the other rows, a
     fraction `text_scenes` reads its scene as words (syn.describe) where the image would be: a
-    language model's reading comprehension, no image either (patch["text_only"] marks them too)."""
+    language model's reading comprehension, no image either (patch["text_only"] marks them too).
+    `all_tokens`: every token is a label (encode_turns)."""
     if drop and tuple(size) != (syn.IMAGE_SIZE, syn.IMAGE_SIZE):
         raise ValueError(f"visual dropout needs the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas, got {size}")
     convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, max_turns=max_turns,
@@ -339,7 +347,7 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     image_targets, queries, ground, about = [], [], [], []
     for b, (image, turns, objects, relevant) in enumerate(convs):
         ids, lab, w, qpos = encode_turns(tok, turns, image_token_id, 0 if blind[b] or read[b] else n_image,
-                                         turn_mean, syn.describe(objects) if read[b] else None)
+                                         turn_mean, syn.describe(objects) if read[b] else None, all_tokens)
         images.append(image)
         seqs.append(ids)
         labs.append(lab)
@@ -594,6 +602,10 @@ def parser() -> argparse.ArgumentParser:
                     help="a text-only language-model stage, as an LLM is trained before it meets images: every "
                          "conversation reads its scene in words (or, with --text-only, has none); the tower and "
                          "projector are neither run nor changed; no vision stage")
+    ap.add_argument("--all-tokens", action="store_true",
+                    help="with --language-stage: next-token loss on every token (the scene's words and the questions "
+                         "too), as a language model is pretrained; its heads then need a place to park attention "
+                         "at every position, and the one token every position sees is <s> (an attention sink)")
     ap.add_argument("--vision-from", default=None,
                     help="a saved model directory whose vision tower replaces this model's at the start (as LLaVA "
                          "takes a pretrained CLIP)")
@@ -627,6 +639,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 or args.where_weight or args.cls_weight or args.pos_gaps):
         ap.error("--language-stage sees no image: it takes none of --ground-weight, --object-weight, "
                  "--proj-aux-weight, --where-weight, --cls-weight, --pos-gaps (give them as 0)")
+    if args.all_tokens and not args.language_stage:
+        ap.error("--all-tokens needs --language-stage (a conversation with an image learns its answers alone)")
     if args.language_stage and args.drop_from is not None:
         ap.error("--language-stage needs --drop-from none (no row holds an image to drop tokens from)")
     if not 0 <= args.text_scenes <= 1 or not 0 <= args.text_only <= 1:
@@ -762,7 +776,8 @@ def main(argv=None):
                         turn_mean=args.turn_mean and step - args.vision_steps >= args.turn_mean_from,
                         max_turns=args.max_turns, size=canvas_of(step, args.seed, args.canvas_sides),
                         text_only=0.0 if vision_only else args.text_only,
-                        text_scenes=0.0 if vision_only else 1.0 if args.language_stage else args.text_scenes)
+                        text_scenes=0.0 if vision_only else 1.0 if args.language_stage else args.text_scenes,
+                        all_tokens=args.all_tokens)
 
     batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
                                           num_workers=workers, prefetch_factor=4 if workers else None)
