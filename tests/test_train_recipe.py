@@ -339,3 +339,25 @@ def test_llava_stages_train_only_the_parts_they_name(tmp_path, monkeypatch):
     assert all(torch.equal(b[k], clip[k]) for k in tower)
     assert all(torch.equal(b[k], a[k]) for k in decoder)
     assert not all(torch.equal(b[k], a[k]) for k in projector)
+
+
+def test_textured_backgrounds_change_the_background_alone():
+    flat_image, turns, objects, relevant = syn.make_conversation(7)
+    image, turns2, objects2, relevant2 = syn.make_conversation(7, texture=True)
+    assert (turns2, relevant2) == (turns, relevant)
+    assert all(np.array_equal(a.patch_pixels, b.patch_pixels) for a, b in zip(objects, objects2))
+    flat, tex = np.asarray(flat_image, np.float64), np.asarray(image, np.float64)
+    same = (flat == tex).all(2)
+    cover = sum(o.patch_pixels for o in objects).reshape(12, 12)
+    background = np.kron(cover == 0, np.ones((8, 8), bool))
+    assert not same[background].any()  # the background differs ...
+    assert tex[background].max() <= 150 and (tex[background][:, 0] == tex[background][:, 2]).all()  # ... in greys
+    patch_means = tex[background].reshape(-1, 3)[:, 0]
+    assert patch_means.std() > 8  # structure beyond the flat shade's pixel noise (sigma 6)
+    tok = embedded.build_processor().tokenizer
+    image_id = embedded.build_config().image_token_id
+    _, ids, *_ = te.batch_of(2, 8, tok, image_id, 0, textures=0.5)
+    _, same, *_ = te.batch_of(2, 8, tok, image_id, 0)
+    assert torch.equal(ids, same)  # the same conversations
+    with pytest.raises(SystemExit):
+        te.parse_args(["--recipe", "neutral", "--textures", "2"])

@@ -315,7 +315,7 @@ def canvas_of(step: int, seed: int, sides) -> tuple[int, int]:
 def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop: bool = False,
              object_drop: float = 0.0, type_weights=None, turn_mean: bool = False, max_turns: int = 4,
              size: tuple[int, int] = (syn.IMAGE_SIZE, syn.IMAGE_SIZE), text_only: float = 0.0,
-             text_scenes: float = 0.0, all_tokens: bool = False):
+             text_scenes: float = 0.0, all_tokens: bool = False, textures: float = 0.0):
     """One training batch, every image on a `size` canvas (width, height). With `drop`, rows lose
     visual tokens (see visual_dropout); of the rows that do, a fraction `object_drop` instead keeps
     an oracle-like subset around the first question's objects (object_keep) and is cut to that one
@@ -324,11 +324,14 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     have no grounding or object targets (patch["text_only"] marks them). Of the other rows, a
     fraction `text_scenes` reads its scene as words (syn.describe) where the image would be: a
     language model's reading comprehension, no image either (patch["text_only"] marks them too).
-    `all_tokens`: every token is a label (encode_turns)."""
+    `all_tokens`: every token is a label (encode_turns). A fraction `textures` of the images (drawn
+    per row) has a textured background (syn.textured_background) under the same objects."""
     if drop and tuple(size) != (syn.IMAGE_SIZE, syn.IMAGE_SIZE):
         raise ValueError(f"visual dropout needs the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas, got {size}")
+    g_tex = torch.Generator().manual_seed(seed * 4_000_037 + step)
+    textured = [textures > 0 and float(torch.rand((), generator=g_tex)) < textures for _ in range(batch)]
     convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, max_turns=max_turns,
-                                   type_weights=type_weights, size=size) for b in range(batch)]
+                                   type_weights=type_weights, size=size, texture=textured[b]) for b in range(batch)]
     n_image = (size[0] // syn.PATCH) * (size[1] // syn.PATCH)
     g_text = torch.Generator().manual_seed(seed * 5_000_011 + step)
     blind = [text_only > 0 and float(torch.rand((), generator=g_text)) < text_only for _ in range(batch)]
@@ -602,6 +605,11 @@ def parser() -> argparse.ArgumentParser:
                     help="a text-only language-model stage, as an LLM is trained before it meets images: every "
                          "conversation reads its scene in words (or, with --text-only, has none); the tower and "
                          "projector are neither run nor changed; no vision stage")
+    ap.add_argument("--textures", type=float, default=0.0,
+                    help="fraction of the images (both stages) painted on a textured grey background (blobs, "
+                         "stripes, gradients, as a photograph's background has structure) instead of a flat shade: "
+                         "the background's tokens then differ from image to image, so attention parked on them "
+                         "no longer adds a constant; default none")
     ap.add_argument("--all-tokens", action="store_true",
                     help="with --language-stage: next-token loss on every token (the scene's words and the questions "
                          "too), as a language model is pretrained; its heads then need a place to park attention "
@@ -643,8 +651,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--all-tokens needs --language-stage (a conversation with an image learns its answers alone)")
     if args.language_stage and args.drop_from is not None:
         ap.error("--language-stage needs --drop-from none (no row holds an image to drop tokens from)")
-    if not 0 <= args.text_scenes <= 1 or not 0 <= args.text_only <= 1:
-        ap.error(f"--text-scenes {args.text_scenes:g} and --text-only {args.text_only:g} are fractions from 0 to 1")
+    for flag in ("text_scenes", "text_only", "textures"):
+        if not 0 <= getattr(args, flag) <= 1:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag):g}: a fraction from 0 to 1")
     if args.text_scenes and args.drop_from is not None:
         ap.error(f"--text-scenes {args.text_scenes:g} needs --drop-from none (visual dropout expects every row's image)")
     if args.carry_heads and not args.init_from:
@@ -777,7 +786,7 @@ def main(argv=None):
                         max_turns=args.max_turns, size=canvas_of(step, args.seed, args.canvas_sides),
                         text_only=0.0 if vision_only else args.text_only,
                         text_scenes=0.0 if vision_only else 1.0 if args.language_stage else args.text_scenes,
-                        all_tokens=args.all_tokens)
+                        all_tokens=args.all_tokens, textures=0.0 if args.language_stage else args.textures)
 
     batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
                                           num_workers=workers, prefetch_factor=4 if workers else None)

@@ -150,13 +150,43 @@ def _patch_pixels(mask: Image.Image) -> np.ndarray:
     return m.reshape(h // PATCH, PATCH, w // PATCH, PATCH).sum(axis=(1, 3)).reshape(-1)
 
 
-def render_scene(rng: random.Random, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
-                 ) -> tuple[Image.Image, list[SceneObject]]:
+def textured_background(g: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """(height, width, 3) a grey background with structure, as a photograph's has (training only):
+    a random base shade plus one or two of smooth blobs, stripes at a random angle and a gradient,
+    each of random contrast, in greys from 0 to 150 (darker than the white letters, and without the
+    objects' saturated hues)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    canvas = np.full((height, width), g.uniform(15, 100))
+    for kind in g.choice(3, size=g.integers(1, 3), replace=False):
+        amp = g.uniform(10, 45)
+        if kind == 0:  # blobs: coarse random grid, bilinearly upsampled
+            cells = g.integers(2, 7)
+            coarse = g.uniform(-1, 1, (cells + 1, cells + 1))
+            gy, gx = y / height * cells, x / width * cells
+            iy, ix = np.minimum(gy.astype(int), cells - 1), np.minimum(gx.astype(int), cells - 1)
+            fy, fx = gy - iy, gx - ix
+            field = (coarse[iy, ix] * (1 - fy) * (1 - fx) + coarse[iy + 1, ix] * fy * (1 - fx)
+                     + coarse[iy, ix + 1] * (1 - fy) * fx + coarse[iy + 1, ix + 1] * fy * fx)
+        elif kind == 1:  # stripes
+            angle, period = g.uniform(0, np.pi), g.uniform(6, 40)
+            field = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + g.uniform(0, 2 * np.pi))
+        else:  # gradient
+            angle = g.uniform(0, 2 * np.pi)
+            field = (x * np.cos(angle) + y * np.sin(angle)) / max(width, height)
+        canvas = canvas + amp * field
+    grey = np.clip(canvas + g.normal(0, 6, (height, width)), 0, 150)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def render_scene(rng: random.Random, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE),
+                 texture_seed: int | None = None) -> tuple[Image.Image, list[SceneObject]]:
     """Draw a random scene: 2-4 shapes with distinct (colour, shape) pairs and one letter.
 
     `size` (width, height; multiples of PATCH, training only) changes the canvas, not the
     objects: the 3x3 grid of cells stretches over it while shapes and letters keep their pixel
-    sizes, so a larger canvas has more background patches and the same object patches."""
+    sizes, so a larger canvas has more background patches and the same object patches.
+    `texture_seed` (training only) paints a textured_background from that seed instead of the
+    flat shade; the objects and their places are the same as without it."""
     width, height = size
     if width % PATCH or height % PATCH:
         raise ValueError(f"canvas {width}x{height}: sides must be multiples of the {PATCH}-pixel patch")
@@ -166,6 +196,8 @@ def render_scene(rng: random.Random, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_
     shade = rng.randint(20, 60)
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (height, width, 3))
     canvas = np.clip(shade + noise, 0, 255)
+    if texture_seed is not None:
+        canvas = textured_background(np.random.default_rng(texture_seed), width, height)
     cell_w, cell_h = width // GRID, height // GRID
     objects = []
     for k, cell in enumerate(cells):
@@ -263,17 +295,18 @@ def short_answer_samples(split: str, start: int, n: int) -> list[Sample]:
 
 
 def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, float] | None = None,
-                      size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+                      size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE), texture: bool = False
                       ) -> tuple[Image.Image, list[tuple[str, str]], list[SceneObject], list[list[int]]]:
     """A training conversation: one scene, several independent questions (for training only).
 
     Returns the image, the (question, answer) turns, the objects and, per turn, the indices of the
     objects that turn is about. `type_weights` (question type -> relative frequency, 1 when not
     named) skews the mix of question types; None draws them uniformly. `size` is the canvas
-    (render_scene); the objects' patch_pixels then hold (width/8) x (height/8) patches.
+    (render_scene); the objects' patch_pixels then hold (width/8) x (height/8) patches. `texture`
+    paints a textured background (textured_background) under the same objects and questions.
     """
     rng = random.Random(f"train-conv-{index}")
-    image, objects = render_scene(rng, size)
+    image, objects = render_scene(rng, size, texture_seed=index if texture else None)
     weights = None if type_weights is None else [type_weights.get(t, 1.0) for t in QUESTION_TYPES]
     turns, relevant = [], []
     for _ in range(rng.randint(1, max_turns)):
