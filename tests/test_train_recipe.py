@@ -361,3 +361,19 @@ def test_textured_backgrounds_change_the_background_alone():
     assert torch.equal(ids, same)  # the same conversations
     with pytest.raises(SystemExit):
         te.parse_args(["--recipe", "neutral", "--textures", "2"])
+
+
+def test_sink_prior_measures_each_heads_shortfall_of_attention_on_the_first_token():
+    B, H, S = 2, 3, 5
+    on_first = torch.zeros(B, H, S, S)
+    on_first[..., 0] = 1.0
+    uniform = torch.full((B, H, S, S), 1 / S)
+    mask = torch.ones(B, S, dtype=torch.long)
+    assert te.sink_loss([uniform, on_first, on_first], mask, 0.5, 1) == 0  # layer 0 is left out
+    assert torch.isclose(te.sink_loss([on_first, uniform], mask, 0.5, 1), torch.tensor(0.5 - 1 / S))
+    mixed = uniform.clone()
+    mixed[1, :, 3:] = on_first[1, :, 3:]  # row 1's last two queries park on <s>; its padding is not counted
+    short_mask = mask.clone()
+    short_mask[0, 3:] = 0
+    expected = (0.5 - 1 / S) * (2 + 2) / (2 + 4)  # row 0: both real queries short; row 1: two of four
+    assert torch.isclose(te.sink_loss([mixed], short_mask, 0.5, 0), torch.tensor(expected))

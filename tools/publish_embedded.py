@@ -99,6 +99,10 @@ def neutral_text(stage: dict, i: int) -> str:
                    "; loss on the answers") + ".\n")
     what += (f"; the vision tower taken from `{a['vision_from']}` at the start" if a.get("vision_from") else "")
     what += (f"; frozen: {', '.join(a['freeze'])}" if a.get("freeze") else "")
+    what += (f"; weight decay {a['weight_decay']:g}" if a.get("weight_decay", 0.01) != 0.01 else "")
+    what += (f"; {100 * a['textures']:g} % of the images on textured backgrounds" if a.get("textures") else "")
+    what += (f"; the sink prior: every head from decoder layer {a['sink_layer']} on keeps at least "
+             f"{a['sink_floor']:g} of each query's attention on <s>, x {a['sink_weight']:g}" if a.get("sink_weight") else "")
     what += (f"; no token dropout; position-id gaps in {100 * a['pos_gaps']:.0f} % of conversations, "
              f"the CLIP-like CLS objective x {a['cls_weight']:g}, grounding at decoder layer {a['ground_layer']} "
              f"x {a['ground_weight']:g}; questions per conversation up to {a.get('max_turns', 4)}"

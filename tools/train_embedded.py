@@ -394,9 +394,11 @@ def vision_features(model, pixel_values, pooled: bool = False):
     return (feats, out.pooler_output) if pooled else feats
 
 
-def lm_loss(model, image, input_ids, labels, weights, mask, visual_keep=None, positions=None, states=False):
+def lm_loss(model, image, input_ids, labels, weights, mask, visual_keep=None, positions=None, states=False,
+            attentions=False):
     """Next-token loss on the answers, `image` being the projector's output; with `states` also
-    every layer's hidden states, (lm loss, hidden states)."""
+    every layer's hidden states, (lm loss, hidden states); with `attentions` also every layer's
+    attention probabilities (eager attention), (lm loss, hidden states or None, attentions)."""
     emb = model.get_input_embeddings()(input_ids)
     is_image = input_ids == model.config.image_token_id
     if image is not None:  # (None: no row holds an image)
@@ -418,14 +420,26 @@ def lm_loss(model, image, input_ids, labels, weights, mask, visual_keep=None, po
         emb, labels, weights, mask = new_emb, new_labels, new_weights, new_mask
     # (an explicit 2D mask also stops transformers from reading position gaps as packed sequences)
     out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=positions,
-                                     output_hidden_states=states)
+                                     output_hidden_states=states, output_attentions=attentions)
     hidden = out.last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                          reduction="none")
     w = weights[:, 1:].flatten()
     lm = (ce * w).sum() / w.sum()
+    if attentions:
+        return lm, out.hidden_states, out.attentions
     return (lm, out.hidden_states) if states else lm
+
+
+def sink_loss(attentions, mask: torch.Tensor, floor: float, first_layer: int) -> torch.Tensor:
+    """How far each head's attention on the first token (<s>) falls below `floor`, mean over the
+    layers from `first_layer` on, the heads and every real query position after <s>: a trained
+    language model's attention sink (Vicuna's heads park most of their attention on <s> from
+    layer 2 on), asked of a decoder whose idle heads otherwise spread theirs over every token."""
+    rows = mask[:, 1:].float()  # (B, S - 1)
+    short = [F.relu(floor - a[:, :, 1:, 0].float()).mean(1) for a in attentions[first_layer:]]  # (B, S - 1) each
+    return sum((x * rows).sum() for x in short) / (rows.sum() * len(short))
 
 
 @torch.no_grad()
@@ -555,6 +569,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux-weight", type=float, default=0.3)
+    ap.add_argument("--weight-decay", type=float, default=0.01,
+                    help="AdamW's weight decay (LLaMA's pretraining used 0.1)")
     ap.add_argument("--drop-from", type=lambda v: None if v in ("none", "None") else int(v), default=1800,
                     help="full step from which half the conversations lose random visual tokens (none: never)")
     ap.add_argument("--seed", type=int, default=0)
@@ -588,6 +604,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--where-weight", type=float, default=0.0,
                     help="weight of the where heads: every patch names its grid cell from the tower's features "
                          "(both stages) and the projector's output (full stage), as CLIP patch features carry place")
+    ap.add_argument("--sink-weight", type=float, default=0.0,
+                    help="weight of the sink prior: every head from --sink-layer on keeps at least --sink-floor of "
+                         "each query's attention on <s> (eager attention in training)")
+    ap.add_argument("--sink-floor", type=float, default=0.5, help="the sink prior's share of attention on <s>")
+    ap.add_argument("--sink-layer", type=int, default=2, help="the first decoder layer the sink prior applies to")
     ap.add_argument("--cls-weight", type=float, default=0.0, help="weight of the CLIP-like CLS objective")
     ap.add_argument("--ground-weight", type=float, default=0.0, help="weight of the grounding loss")
     ap.add_argument("--ground-layer", type=int, default=8, help="decoder layer whose output the grounding loss reads")
@@ -723,6 +744,8 @@ def main(argv=None):
     if args.init_from:
         model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
         model.config.text_config._attn_implementation = "sdpa"
+    if args.sink_weight:  # (the prior reads the attention probabilities)
+        model.config.text_config._attn_implementation = "eager"
     else:
         model = LlavaForConditionalGeneration(config)
     if args.vision_from:
@@ -746,7 +769,7 @@ def main(argv=None):
     for h in heads:
         h.to(device)
     params = [p for p in model.parameters() if p.requires_grad] + [p for h in heads for p in h.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     named = dict(zip(HEADS, (aux, cls_head, grounding, proj_aux, object_heads, where)))
     if args.carry_heads:
         carried = carried_heads(args.init_from)
@@ -803,10 +826,14 @@ def main(argv=None):
         patch = {k: v.to(device) for k, v in patch.items()}
         keep = keep.to(device) if keep is not None else None
         positions = positions.to(device) if positions is not None else None
-        gl = cl = pl = al = wl = aux_loss = torch.zeros((), device=device)
+        gl = cl = pl = al = wl = sl = aux_loss = torch.zeros((), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             if args.language_stage:  # no image anywhere: the decoder alone
-                lm = loss = lm_loss(model, None, ids, labels, weights, mask)
+                lm = lm_loss(model, None, ids, labels, weights, mask, attentions=bool(args.sink_weight))
+                if args.sink_weight:
+                    lm, _, attn = lm
+                    sl = sink_loss(attn, mask, args.sink_floor, args.sink_layer)
+                loss = lm + args.sink_weight * sl
             else:
                 with torch.set_grad_enabled(tower_learns):
                     feats, pooled = vision_features(model, pv, pooled=True)
@@ -823,8 +850,12 @@ def main(argv=None):
                 image = model.model.multi_modal_projector(feats)
                 seen = ~patch["text_only"]  # rows whose conversation holds its image
                 states = bool(args.ground_weight or args.object_weight)
-                lm = lm_loss(model, image[seen], ids, labels, weights, mask, keep, positions, states)
-                if states:  # (no visual dropout with these: every row holds all of its image's tokens)
+                lm = lm_loss(model, image[seen], ids, labels, weights, mask, keep, positions, states,
+                             attentions=bool(args.sink_weight))
+                if args.sink_weight:
+                    lm, hidden, attn = lm
+                    sl = sink_loss(attn, mask, args.sink_floor, args.sink_layer)
+                elif states:  # (no visual dropout with these: every row holds all of its image's tokens)
                     lm, hidden = lm
                 if args.ground_weight:
                     visual_rows = torch.zeros(len(ids), image.shape[1], dtype=torch.long, device=device)
@@ -837,16 +868,16 @@ def main(argv=None):
                 if args.where_weight:
                     wl = where.loss(feats if tower_learns else None, image, patch["cell"])
                 loss = lm + args.aux_weight * aux_loss + args.cls_weight * cl + args.ground_weight * gl + \
-                    args.proj_aux_weight * pl + args.object_weight * al + args.where_weight * wl
+                    args.proj_aux_weight * pl + args.object_weight * al + args.where_weight * wl + args.sink_weight * sl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] += 1
         state["seconds"] = time.time() - t0
-        running.append((lm.item(), aux_loss.item(), cl.item(), gl.item(), pl.item(), al.item(), wl.item()))
+        running.append((lm.item(), aux_loss.item(), cl.item(), gl.item(), pl.item(), al.item(), wl.item(), sl.item()))
         if state["step"] % 50 == 0:
-            lm_m, aux_m, cl_m, gl_m, pl_m, al_m, wl_m = np.mean(running, axis=0)
+            lm_m, aux_m, cl_m, gl_m, pl_m, al_m, wl_m, sl_m = np.mean(running, axis=0)
             running = []
             rec = {"step": state["step"], "lm": round(float(lm_m), 4), "aux": round(float(aux_m), 4),
                    "minutes": round(state["seconds"] / 60, 2)}
@@ -858,6 +889,8 @@ def main(argv=None):
                 rec["object"] = round(float(al_m), 4)
             if args.where_weight:
                 rec["where"] = round(float(wl_m), 4)
+            if args.sink_weight:
+                rec["sink"] = round(float(sl_m), 4)
             state["log"].append(rec)
             print(json.dumps(rec), flush=True)
         stopped = not vision_only and (args.max_minutes is not None and state["seconds"] > 60 * args.max_minutes
