@@ -314,7 +314,8 @@ LANGUAGE = ["--language-stage", "--pos-gaps", "0", "--cls-weight", "0", "--groun
 
 def test_llava_stages_train_only_the_parts_they_name(tmp_path, monkeypatch):
     """A language stage never runs the tower; --vision-from takes another model's tower; --freeze
-    tower,decoder (LLaVA-1.5's alignment stage) changes the projector alone."""
+    tower,decoder (LLaVA-1.5's alignment stage) changes the projector alone, and a continued stage
+    starts from the model it continues (with the sink prior's eager attention too)."""
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
@@ -330,7 +331,7 @@ def test_llava_stages_train_only_the_parts_they_name(tmp_path, monkeypatch):
     torch.manual_seed(5)
     LlavaForConditionalGeneration(embedded.build_config()).half().save_pretrained(tmp_path / "clip")
     te.main(common + ["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a" / "final"), "--steps", "2",
-                      "--vision-from", str(tmp_path / "clip"), "--freeze", "tower,decoder"])
+                      "--vision-from", str(tmp_path / "clip"), "--freeze", "tower,decoder", "--sink-weight", "1"])
     a, b, clip = (load_file(tmp_path / d / "model.safetensors") for d in ("a/final", "b/final", "clip"))
     tower = [k for k in b if "vision_tower" in k]
     projector = [k for k in b if "multi_modal_projector" in k]

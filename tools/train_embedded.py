@@ -54,6 +54,16 @@ has text-only conversations too): their answers teach the language prior, so tha
 no visual token left is answered from it rather than with gibberish.
 `--where-weight` makes every patch name its cell of the 3 x 3 grid from the tower's features and
 the projector's output, so that a visual token carries its own place, as a CLIP patch feature does.
+LLaVA's own order of stages: `--language-stage` trains the decoder alone on conversations that
+read their scene as words where the image would be (with `--all-tokens` every token is a label, as
+a language model is pretrained); `--vision-from DIR` takes another model's tower, and `--freeze`
+keeps parts fixed (LLaVA-1.5 aligns the projector alone, then tunes projector and decoder, the tower
+always frozen); `--text-scenes F` mixes the reading form into an image stage. Two options aimed at
+the attention sink (the candidate's question parks its attention on the background, not on <s>):
+`--textures F` paints a fraction of the images on textured grey backgrounds, and `--sink-weight`
+asks every head from `--sink-layer` on to keep `--sink-floor` of each query's attention on <s>
+(a training-only prior; eager attention). Measured on the candidate: neither made pruned prompts
+work, and the sink prior moved the attention onto <s> without helping them (the notes of issue 11).
 The auxiliary heads are training-only and are not saved with the model; a continued run
 (`--init-from`) starts them fresh, and their first large losses shake the model for 100-200
 steps, unless `--carry-heads` takes them from the checkpoint beside the directory it continues.
@@ -744,10 +754,10 @@ def main(argv=None):
     if args.init_from:
         model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
         model.config.text_config._attn_implementation = "sdpa"
-    if args.sink_weight:  # (the prior reads the attention probabilities)
-        model.config.text_config._attn_implementation = "eager"
     else:
         model = LlavaForConditionalGeneration(config)
+    if args.sink_weight:  # (the prior reads the attention probabilities)
+        model.config.text_config._attn_implementation = "eager"
     if args.vision_from:
         donor = LlavaForConditionalGeneration.from_pretrained(args.vision_from, dtype=torch.float32)
         model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
