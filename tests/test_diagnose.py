@@ -56,3 +56,26 @@ def test_sinks_split_each_layers_attention_into_parts_that_sum_to_one(tiny_llava
     assert np.allclose(table.sum(1), 1.0, atol=1e-4) and (table >= 0).all()
     de.main(["sinks", "--model", tiny_llava_dir, "--samples", "2"])
     assert len(capsys.readouterr().out.splitlines()) == 2 + model.config.text_config.num_hidden_layers
+
+
+def test_sinks_read_the_scene_as_words(tiny_llava_dir):
+    model, processor = de.load(tiny_llava_dir, "eager")
+    s = syn.short_answer_samples("test", 600, 1)[0]
+    x, on_object, other = de.read_prompt(processor, s)
+    words = processor.tokenizer.convert_ids_to_tokens(x["input_ids"][0])
+    scene = " ".join(w for w, a, b in zip(words, on_object, other) if a or b)
+    assert scene == syn.describe(s.objects) and not bool((on_object & other).any())
+    assert " ".join(w for w, a in zip(words, on_object) if a) == " ".join(s.objects[i].phrase() for i in s.relevant)
+    table = de.sinks(model, processor, 3, read=True)
+    assert np.allclose(table.sum(1), 1.0, atol=1e-4) and (table >= 0).all()
+
+
+def test_depth_keeps_the_same_tokens_after_each_layer(tiny_llava_dir, capsys):
+    table = de.depth(tiny_llava_dir, 16, 6, depths=(0, 2, 8))  # (8: beyond the 4-layer model, left out)
+    assert list(table) == ["baseline", "oracle[K=0]", "random[K=0]", "oracle[K=2]", "random[K=2]"]
+    assert all(0 <= v <= 1 for row in table.values() for v in row.values())
+    whole = de.depth(tiny_llava_dir, syn.NUM_PATCHES, 6, depths=(0, 2))  # every token kept: the baseline's
+    assert all(row == whole["baseline"] for row in whole.values())
+    de.main(["depth", "--model", tiny_llava_dir, "--samples", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 7 and lines[2].startswith("baseline")  # K = 0, 1, 2 on 4 layers: 1 + 3 x 2 rows
