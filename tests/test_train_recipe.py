@@ -378,3 +378,16 @@ def test_sink_prior_measures_each_heads_shortfall_of_attention_on_the_first_toke
     short_mask[0, 3:] = 0
     expected = (0.5 - 1 / S) * (2 + 2) / (2 + 4)  # row 0: both real queries short; row 1: two of four
     assert torch.isclose(te.sink_loss([mixed], short_mask, 0.5, 0), torch.tensor(expected))
+
+
+def test_a_new_model_can_have_a_deeper_tower(tmp_path):
+    import json
+
+    te.main(["--recipe", "neutral", "--out", str(tmp_path / "a"), "--vision-steps", "1", "--steps", "1",
+             "--batch", "2", "--eval-n", "0", "--threads", "1", "--device", "cpu", "--tower-layers", "6",
+             "--where-weight", "0.3"])
+    config = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
+    assert config["vision_config"]["num_hidden_layers"] == 6 and config["vision_feature_layer"] == -2
+    for bad in (["--tower-layers", "1"], ["--tower-layers", "6", "--init-from", "x"]):
+        with pytest.raises(SystemExit):
+            te.parse_args(["--recipe", "neutral"] + bad)

@@ -99,6 +99,7 @@ def neutral_text(stage: dict, i: int) -> str:
                    "; loss on the answers") + ".\n")
     what += (f"; the vision tower taken from `{a['vision_from']}` at the start" if a.get("vision_from") else "")
     what += (f"; frozen: {', '.join(a['freeze'])}" if a.get("freeze") else "")
+    what += (f"; a tower of {a['tower_layers']} layers" if a.get("tower_layers") else "")
     what += (f"; weight decay {a['weight_decay']:g}" if a.get("weight_decay", 0.01) != 0.01 else "")
     what += (f"; {100 * a['textures']:g} % of the images on textured backgrounds" if a.get("textures") else "")
     what += (f"; the sink prior: every head from decoder layer {a['sink_layer']} on keeps at least "
@@ -154,7 +155,8 @@ def stage_text(stage: dict, i: int) -> str:
             f"cosine, bf16 autocast, {stage['minutes']} minutes on 2 CPU cores; {what}.\n")
 
 
-def card(result: dict, stages: list[dict], per_type: int, vocab_size, candidate: bool = False) -> str:
+def card(result: dict, stages: list[dict], per_type: int, vocab_size, candidate: bool = False,
+         tower_layers: int = 4) -> str:
     rows = "".join(
         f"| {t} | {100 * result['model'][t]:.1f} | {100 * result['majority'][t]:.1f} | "
         f"{100 * result['blind'][t]:.1f} |\n" for t in syn.QUESTION_TYPES)
@@ -170,7 +172,7 @@ A 4 M-parameter LLaVA-1.5 (transformers `LlavaForConditionalGeneration`) trained
 the project's synthetic `shapes` benchmark (train split). {role}:
 the same code path as a 7B checkpoint, small enough for a laptop CPU.
 
-- Vision: CLIP ViT, 96 px images, 8 px patches (144 visual tokens + CLS), 4 layers x 128 wide,
+- Vision: CLIP ViT, 96 px images, 8 px patches (144 visual tokens + CLS), {tower_layers} layers x 128 wide,
   features from layer -2, CLS dropped ("default"), two-layer GELU projector.
 - Language: Llama, 16 layers x 128 wide, 4 heads (2 KV heads, GQA), MLP 384, word-level vocabulary
   of {vocab_size} words, LLaVA-1.5 prompt `USER: <image>\n<question> ASSISTANT:`.
@@ -202,14 +204,15 @@ def main(argv=None):
     torch.set_num_threads(2)
     src = Path(args.final_dir)
     stages = history(src)
-    vocab_size = json.loads((src / "config.json").read_text())["text_config"]["vocab_size"]
+    config = json.loads((src / "config.json").read_text())
+    vocab_size, tower_layers = config["text_config"]["vocab_size"], config["vision_config"]["num_hidden_layers"]
     result = evaluate(str(src), args.per_type)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copy2(src / f, dest / f)
     candidate = dest.resolve() != Path(EMBEDDED_DIR).resolve()
-    (dest / "README.md").write_text(card(result, stages, args.per_type, vocab_size, candidate))
+    (dest / "README.md").write_text(card(result, stages, args.per_type, vocab_size, candidate, tower_layers))
     (dest / "eval.json").write_text(json.dumps(result, indent=1))
     summary = {k: {t: round(v, 3) for t, v in d.items()} for k, d in result.items()}
     (dest / "training.json").write_text(json.dumps({"stages": stages}))

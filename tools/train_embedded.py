@@ -579,6 +579,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux-weight", type=float, default=0.3)
+    ap.add_argument("--tower-layers", type=int, default=None,
+                    help="layers of a new model's CLIP tower (default 4; features from the one before last); a "
+                         "deeper tower can hand the decoder patches already put in context, as CLIP's 24 layers do")
     ap.add_argument("--weight-decay", type=float, default=0.01,
                     help="AdamW's weight decay (LLaMA's pretraining used 0.1)")
     ap.add_argument("--drop-from", type=lambda v: None if v in ("none", "None") else int(v), default=1800,
@@ -678,6 +681,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 or args.where_weight or args.cls_weight or args.pos_gaps):
         ap.error("--language-stage sees no image: it takes none of --ground-weight, --object-weight, "
                  "--proj-aux-weight, --where-weight, --cls-weight, --pos-gaps (give them as 0)")
+    if args.tower_layers is not None and (args.init_from or args.tower_layers < 2):
+        ap.error(f"--tower-layers {args.tower_layers}: a new model's tower, 2 layers or more (a continued stage "
+                 f"keeps the tower of the model it continues)")
     if args.all_tokens and not args.language_stage:
         ap.error("--all-tokens needs --language-stage (a conversation with an image learns its answers alone)")
     if args.language_stage and args.drop_from is not None:
@@ -749,7 +755,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    config = embedded.build_config()
+    config = embedded.build_config(vision_layers=args.tower_layers or 4)
     config.text_config._attn_implementation = "sdpa"
     if args.init_from:
         model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)

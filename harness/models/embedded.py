@@ -63,11 +63,11 @@ def build_processor():
                           num_additional_image_tokens=1, image_token="<image>")
 
 
-def build_config(num_layers: int = 16, vocab_size: int | None = None):
+def build_config(num_layers: int = 16, vocab_size: int | None = None, vision_layers: int = 4):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vocab = vocabulary()
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=vision_layers,
                               num_attention_heads=4, image_size=syn.IMAGE_SIZE,
                               patch_size=syn.PATCH, projection_dim=128)
     text = LlamaConfig(vocab_size=vocab_size or len(vocab), hidden_size=128, intermediate_size=384,
