@@ -391,3 +391,21 @@ def test_a_new_model_can_have_a_deeper_tower(tmp_path):
     for bad in (["--tower-layers", "1"], ["--tower-layers", "6", "--init-from", "x"]):
         with pytest.raises(SystemExit):
             te.parse_args(["--recipe", "neutral"] + bad)
+
+
+def test_card_text_names_a_language_stage_and_the_llava_options():
+    from tools import publish_embedded as pe
+
+    lang = vars(te.parse_args(["--recipe", "neutral"] + LANGUAGE + ["--all-tokens"]))
+    text = pe.stage_text({"args": lang, "steps": 600, "planned_steps": 600, "minutes": 13.0}, 1)
+    assert "--language-stage" in text and "--all-tokens" in text and "a language stage" in text
+    assert "next-token loss on every token" in text and "vision-only steps" not in text
+    later = vars(te.parse_args(["--recipe", "neutral", "--init-from", "a/final", "--vision-from", "clip",
+                                "--freeze", "tower,decoder", "--textures", "0.5", "--sink-weight", "2"]))
+    text = pe.stage_text({"args": later, "steps": 10, "planned_steps": 10, "minutes": 1.0}, 2)
+    assert "--freeze tower,decoder" in text and "frozen: tower, decoder" in text
+    assert "tower taken from `clip`" in text and "50 % of the images on textured backgrounds" in text
+    assert "keeps at least 0.5 of each query's attention on <s>, x 2" in text
+    card = pe.card({k: {t: 0.5 for t in syn.QUESTION_TYPES} for k in ("model", "majority", "blind")}, [], 10, 63,
+                   tower_layers=8, millions=5)
+    assert "A 5 M-parameter" in card and "8 layers x 128 wide" in card

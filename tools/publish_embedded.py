@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from harness.data import synthetic as syn
 from harness.engine.generate import generate
@@ -156,7 +158,7 @@ def stage_text(stage: dict, i: int) -> str:
 
 
 def card(result: dict, stages: list[dict], per_type: int, vocab_size, candidate: bool = False,
-         tower_layers: int = 4) -> str:
+         tower_layers: int = 4, millions: int = 4) -> str:
     rows = "".join(
         f"| {t} | {100 * result['model'][t]:.1f} | {100 * result['majority'][t]:.1f} | "
         f"{100 * result['blind'][t]:.1f} |\n" for t in syn.QUESTION_TYPES)
@@ -168,7 +170,7 @@ def card(result: dict, stages: list[dict], per_type: int, vocab_size, candidate:
            "each stage resumes after an interruption: rerun its command")
     return f"""# llava-tiny-shapes
 
-A 4 M-parameter LLaVA-1.5 (transformers `LlavaForConditionalGeneration`) trained from scratch on
+A {millions} M-parameter LLaVA-1.5 (transformers `LlavaForConditionalGeneration`) trained from scratch on
 the project's synthetic `shapes` benchmark (train split). {role}:
 the same code path as a 7B checkpoint, small enough for a laptop CPU.
 
@@ -206,13 +208,15 @@ def main(argv=None):
     stages = history(src)
     config = json.loads((src / "config.json").read_text())
     vocab_size, tower_layers = config["text_config"]["vocab_size"], config["vision_config"]["num_hidden_layers"]
+    with safe_open(src / "model.safetensors", "pt") as f:
+        millions = round(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) / 1e6)
     result = evaluate(str(src), args.per_type)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copy2(src / f, dest / f)
     candidate = dest.resolve() != Path(EMBEDDED_DIR).resolve()
-    (dest / "README.md").write_text(card(result, stages, args.per_type, vocab_size, candidate, tower_layers))
+    (dest / "README.md").write_text(card(result, stages, args.per_type, vocab_size, candidate, tower_layers, millions))
     (dest / "eval.json").write_text(json.dumps(result, indent=1))
     summary = {k: {t: round(v, 3) for t, v in d.items()} for k, d in result.items()}
     (dest / "training.json").write_text(json.dumps({"stages": stages}))

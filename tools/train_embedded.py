@@ -275,8 +275,8 @@ def encode_turns(tok, turns, image_token_id, n_image, turn_mean: bool = False, s
         queries.append(len(ids) - 1)
         ids += ans
         if all_tokens:
-            labels += [-100 if t == image_token_id else t for t in head] + ans
-            weights += [0.0 if t == image_token_id else 1.0 for t in head] + [1.0] * len(ans)
+            labels += [-100 if i == image_token_id else i for i in head] + ans
+            weights += [0.0 if i == image_token_id else 1.0 for i in head] + [1.0] * len(ans)
         else:
             labels += [-100] * len(head) + ans
             weights += [0.0] * len(head) + [1.0 / len(ans) if turn_mean else 1.0] * len(ans)
