@@ -4,6 +4,7 @@ and nothing in a neutral batch drops a token."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from harness.data import synthetic as syn
 from harness.models import embedded
@@ -385,7 +386,7 @@ def test_a_new_model_can_have_a_deeper_tower(tmp_path):
 
     te.main(["--recipe", "neutral", "--out", str(tmp_path / "a"), "--vision-steps", "1", "--steps", "1",
              "--batch", "2", "--eval-n", "0", "--threads", "1", "--device", "cpu", "--tower-layers", "6",
-             "--where-weight", "0.3"])
+             "--where-weight", "0.3", "--where-balance"])
     config = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
     assert config["vision_config"]["num_hidden_layers"] == 6 and config["vision_feature_layer"] == -2
     for bad in (["--tower-layers", "1"], ["--tower-layers", "6", "--init-from", "x"]):
@@ -409,3 +410,23 @@ def test_card_text_names_a_language_stage_and_the_llava_options():
     card = pe.card({k: {t: 0.5 for t in syn.QUESTION_TYPES} for k in ("model", "majority", "blind")}, [], 10, 63,
                    tower_layers=8, millions=5)
     assert "A 5 M-parameter" in card and "8 layers x 128 wide" in card
+
+
+def test_where_balance_weighs_object_patches_as_much_as_the_background():
+    torch.manual_seed(0)
+    heads = te.WhereHeads(8, 8)
+    feats, image = torch.randn(2, 144, 8), torch.randn(2, 144, 8)
+    cells = torch.from_numpy(te.patch_cells((96, 96)))
+    plain = heads.loss(feats, image, cells)
+    ref = sum(F.cross_entropy(h(x).flatten(0, 1), cells.expand(2, -1).flatten())
+              for h, x in ((heads.tower, feats), (heads.projector, image)))
+    assert torch.isclose(plain, ref, rtol=1e-5)  # unbalanced: the plain mean over every patch
+    on_object = torch.zeros(2, 144, dtype=torch.bool)
+    on_object[:, :8] = True
+    ce = F.cross_entropy(heads.tower(feats).flatten(0, 1), cells.expand(2, -1).flatten(), reduction="none").view(2, 144)
+    expected = 0.5 * ce[on_object].mean() + 0.5 * ce[~on_object].mean()
+    assert torch.isclose(heads.loss(feats, None, cells, on_object), expected, rtol=1e-5)
+    from tools import publish_embedded as pe
+
+    args = vars(te.parse_args(["--recipe", "neutral", "--where-weight", "0.3", "--where-balance"]))
+    assert "half each" in pe.stage_text({"args": args, "steps": 1, "planned_steps": 1, "minutes": 0.1}, 1)
