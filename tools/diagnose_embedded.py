@@ -28,8 +28,9 @@ background); `blank` (the empty canvas's features at the random selection's posi
 heads and samples) on the first token (<s>), on visual tokens an object touches, on the other
 (background) visual tokens, and on the rest of the text. Language models park the attention a
 head does not need on the first token (an attention sink; LLaVA's Vicuna does so). The neutral
-candidate parks it on the background instead: 40-64 % at layers 1-15, about 1 % on <s>. Moving it onto <s> (train_embedded --sink-weight: 26-69 % at layers 2 and
-5-15) left the oracle's 16 tokens at 59 %, so the sink alone is not why pruning breaks it.
+candidate parks it on the background instead: 40-64 % at layers 1-15, about 1 % on <s>.
+Moving it onto <s> (train_embedded --sink-weight: 26-69 % at layers 2 and 5-15) left the
+oracle's 16 tokens at 59 %, so the sink alone is not why pruning breaks it.
 `--read` gives the scene as words where the image would be, for a language stage's model.
 
 `depth`: how deep into the decoder does a question still need the whole image? The oracle and
@@ -186,11 +187,9 @@ def read_prompt(processor, s: syn.Sample) -> tuple[dict, torch.Tensor, torch.Ten
     """The sample's scene as words where its image would be (a language stage's reading form):
     the model's inputs, and masks of the words naming the question's objects and of the other
     words of the description."""
-    phrases = [o.phrase().split() for o in s.objects]
-    words, about = [], []
-    for i, p in enumerate(phrases):
-        words += p + ([";"] if i < len(phrases) - 1 else [])
-        about += [i in s.relevant] * len(p) + ([False] if i < len(phrases) - 1 else [])
+    words = syn.describe(s.objects).split()  # each object's phrase, ";" between them
+    about = [i in s.relevant and w != ";" for i, o in enumerate(s.objects)
+             for w in o.phrase().split() + [";"]][:len(words)]
     x = processor.tokenizer("USER: " + " ".join(words) + f" {s.question} ASSISTANT:", return_tensors="pt")
     n = x["input_ids"].shape[1]
     scene = torch.zeros(n, dtype=torch.bool)
@@ -240,10 +239,9 @@ def depth(model_dir: str, tokens: int, samples: int, depths=DEPTHS) -> dict[str,
     from tools import fidelity
 
     data = syn.short_answer_samples("test", 600, samples)
-    config = embedded.build_config() if model_dir == "embedded" else None
-    if config is None:
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(model_dir)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded.EMBEDDED_DIR if model_dir == "embedded" else model_dir)
     layers, visual = config.text_config.num_hidden_layers, syn.NUM_PATCHES
     out = {}
     for k in (d for d in depths if d < layers):
