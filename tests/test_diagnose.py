@@ -47,6 +47,14 @@ def test_probe_names_every_stage(tiny_llava_dir):
     table = de.probe(model, processor, 4)
     assert list(table)[:2] == ["tower", "projector"] and "decoder layer 3" in table
     assert all(0.0 <= v <= 1.0 for row in table.values() for v in row.values())
+    assert all(list(row) == [*de.PATCH_FIELDS, *de.PLACE_FIELDS] for row in table.values())
+
+
+def test_patch_places_name_each_patchs_cell_row_and_column():
+    places = {f: v.reshape(12, 12) for f, v in de.patch_places().items()}
+    assert (places["row"] == np.arange(12)[:, None]).all() and (places["column"] == np.arange(12)[None, :]).all()
+    # the 96-px canvas's 3 x 3 grid: 4 x 4 patches per cell, row-major
+    assert (places["cell"] == np.kron(np.arange(9).reshape(3, 3), np.ones((4, 4), int))).all()
 
 
 def test_sinks_split_each_layers_attention_into_parts_that_sum_to_one(tiny_llava_dir, capsys):

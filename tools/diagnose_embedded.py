@@ -5,8 +5,8 @@
     python -m tools.diagnose_embedded sinks --model DIR [--samples 40] [--read]
     python -m tools.diagnose_embedded depth --model DIR [--tokens 16] [--samples 120]
 
-`probe`: can a linear classifier read each object patch's colour, shape and letter from the
-tower's features, the projector's output and the decoder's states at the visual tokens? Held-out
+`probe`: can a linear classifier read each object patch's colour, shape and letter, and its place
+(cell of the 3 x 3 grid, row and column of the 12 x 12 patch grid), from the tower's features, the projector's output and the decoder's states at the visual tokens? Held-out
 accuracy per stage (70/30 split over patches, samples from test 700 on). A stage where one falls
 is where the model loses it: the neutral candidate's projector dropped colour (1.00 -> 0.65), and
 the model answered "orange" for every colour.
@@ -55,6 +55,18 @@ from harness.data import synthetic as syn
 from harness.models import embedded
 
 PATCH_FIELDS = ("color", "shape", "letter")
+# where a patch is: its cell of the 3 x 3 grid (what position questions ask) and its row and column
+# of the patch grid (what tells two touching objects from one); the same for every image
+PLACE_FIELDS = ("cell", "row", "column")
+
+
+def patch_places() -> dict[str, np.ndarray]:
+    """{place field: (patches,) labels} of the test canvas's patches, in the tower's order."""
+    from tools.train_embedded import patch_cells
+
+    index = np.arange(syn.NUM_PATCHES)
+    return {"cell": patch_cells((syn.IMAGE_SIZE, syn.IMAGE_SIZE)), "row": index // syn.PATCHES_PER_SIDE,
+            "column": index % syn.PATCHES_PER_SIDE}
 
 
 def load(path: str, attn: str | None = None):
@@ -89,11 +101,12 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> float:
 
 
 def probe(model, processor, samples: int, start: int = 700) -> dict[str, dict[str, float]]:
-    """{stage: {field: held-out accuracy}} over the object patches of `samples` test images."""
+    """{stage: {field: held-out accuracy}} over the object patches of `samples` test images: what
+    the patch shows (PATCH_FIELDS) and where it is (PLACE_FIELDS)."""
     layers = model.config.text_config.num_hidden_layers
     picks = sorted({0, 2, layers // 2, layers - 1})
     stages = {"tower": [], "projector": [], **{f"decoder layer {i}": [] for i in picks}}
-    labels = {f: [] for f in PATCH_FIELDS}
+    labels = {f: [] for f in PATCH_FIELDS + PLACE_FIELDS}
     with torch.no_grad():
         for i in range(start, start + samples):
             s = syn.make_sample("test", i)
@@ -107,9 +120,11 @@ def probe(model, processor, samples: int, start: int = 700) -> dict[str, dict[st
                 stages[f"decoder layer {layer}"].append(out.hidden_states[layer + 1][0][is_image])
             for f, v in syn.patch_labels(s.objects).items():
                 labels[f].append(torch.from_numpy(v))
+            for f, v in patch_places().items():
+                labels[f].append(torch.from_numpy(v))
     labels = {f: torch.cat(v) for f, v in labels.items()}
     on_object = labels["color"] > 0
-    return {stage: {f: linear_probe(torch.cat(rows)[on_object], labels[f][on_object]) for f in PATCH_FIELDS}
+    return {stage: {f: linear_probe(torch.cat(rows)[on_object], labels[f][on_object]) for f in labels}
             for stage, rows in stages.items()}
 
 
@@ -263,7 +278,7 @@ def depth(model_dir: str, tokens: int, samples: int, depths=DEPTHS) -> dict[str,
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="check", required=True)
-    p = sub.add_parser("probe", help="where along the model an object patch's colour, shape, letter are lost")
+    p = sub.add_parser("probe", help="where along the model an object patch's colour, shape, letter, place are lost")
     p.add_argument("--model", default=str(embedded.EMBEDDED_DIR))
     p.add_argument("--samples", type=int, default=80)
     f = sub.add_parser("fill", help="missing evidence or a shorter sequence?")
@@ -302,9 +317,9 @@ def main(argv=None) -> None:
     if a.check == "probe":
         table = probe(model, processor, a.samples)
         print(f"{a.model}: linear probe of object patches, held-out accuracy ({a.samples} images)")
-        print(f"{'stage':18s} " + " ".join(f"{f:>7s}" for f in PATCH_FIELDS))
+        print(f"{'stage':18s} " + " ".join(f"{f:>7s}" for f in PATCH_FIELDS + PLACE_FIELDS))
         for stage, acc in table.items():
-            print(f"{stage:18s} " + " ".join(f"{acc[f]:7.2f}" for f in PATCH_FIELDS))
+            print(f"{stage:18s} " + " ".join(f"{acc[f]:7.2f}" for f in PATCH_FIELDS + PLACE_FIELDS))
         return
     out = fill(model, processor, a.tokens, a.samples)
     types = sorted({s.qtype for s, _, _ in out["full"]})
