@@ -1,6 +1,7 @@
 """tools.diagnose_embedded: its decoding matches transformers' generate, its conditions collapse to
 the full image when every token is kept, and its probe reads what is linearly there and only that."""
 import numpy as np
+import pytest
 import torch
 
 from harness.data import synthetic as syn
@@ -30,6 +31,21 @@ def test_fill_conditions_equal_the_full_image_when_every_token_is_kept(tiny_llav
     de.main(["fill", "--model", tiny_llava_dir, "--tokens", "8", "--samples", "3"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + len(de.CONDITIONS) and lines[2].startswith("full")
+
+
+def test_pad_spans_the_kept_tokens_to_the_filled_image(tiny_llava_dir, capsys):
+    model, processor = de.load(tiny_llava_dir)
+    whole = de.pad(model, processor, syn.NUM_PATCHES, 3, pads=(0,))  # every token kept, none added
+    assert [p for _, p, _ in whole[0]] == [p for _, p, _ in whole["full"]]
+    out = de.pad(model, processor, 16, 4, pads=(0, syn.NUM_PATCHES - 16))
+    filled = de.fill(model, processor, 16, 4)  # every removed position padded: fill's kept+fill
+    assert [p for _, p, _ in out[syn.NUM_PATCHES - 16]] == [p for _, p, _ in filled["oracle kept+fill"]]
+    assert [p for _, p, _ in out[0]] == [p for _, p, _ in filled["oracle kept"]]
+    de.main(["pad", "--model", tiny_llava_dir, "--samples", "2", "--pads", "0,8"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and lines[3].startswith("oracle + 0 empty")
+    with pytest.raises(SystemExit, match="--pads 0,200: each from 0 to 128"):
+        de.main(["pad", "--model", tiny_llava_dir, "--pads", "0,200"])
 
 
 def test_linear_probe_reads_separable_labels_and_not_noise():

@@ -1,9 +1,10 @@
-"""Why does an embedded model fail? Two checks behind issue 11's recipe changes.
+"""Why does an embedded model fail? The checks behind issue 11's recipe changes.
 
     python -m tools.diagnose_embedded probe --model DIR [--samples 80]
     python -m tools.diagnose_embedded fill --model DIR [--tokens 16] [--samples 120]
     python -m tools.diagnose_embedded sinks --model DIR [--samples 40] [--read]
     python -m tools.diagnose_embedded depth --model DIR [--tokens 16] [--samples 120]
+    python -m tools.diagnose_embedded pad --model DIR [--tokens 16] [--samples 120] [--pads 0,4,16,48,128]
 
 `probe`: can a linear classifier read each object patch's colour, shape and letter, and its place
 (cell of the 3 x 3 grid, row and column of the 12 x 12 patch grid), from the tower's features, the projector's output and the decoder's states at the visual tokens? Held-out
@@ -41,7 +42,14 @@ candidate's oracle scores 61 % at K = 0, 72 % at 2 and 89 % at 8 (baseline 96 %)
 is still at 62 % at K = 12 (88 % unpruned): the decoder reads where an object is late, and from
 more than the object's own patches.
 
-probe, fill and sinks run the model's own modules in float32 on the CPU; 3 new tokens, greedy, no cache.
+`pad`: the oracle's tokens plus N empty-canvas tokens (fill's `oracle kept+as many` is N = 16), for
+several N. An empty-canvas token shows no object, so a model that counts its evidence answers "how
+many" the same at every N. The candidate does not (400 samples): count climbs from 32 % (N = 0)
+through 48, 72 and 90 to 98 % (N = 128), and its wrong answers are one too many, as if it read
+"how many" as a share of the visual tokens, which a pruned image inflates. Position climbs too,
+14 -> 100 %, but there the empty tokens do tell something: where the object is not.
+
+probe, fill, pad and sinks run the model's own modules in float32 on the CPU; 3 new tokens, greedy, no cache.
 """
 from __future__ import annotations
 
@@ -194,6 +202,35 @@ def fill(model, processor, tokens: int, samples: int, start: int = 600, seed: in
     return out
 
 
+PADS = (0, 4, 16, 48, 128)
+
+
+def pad(model, processor, tokens: int, samples: int, pads=PADS, start: int = 600, seed: int = 1):
+    """{N: [(sample, prediction, score)]}: the oracle's `tokens` visual tokens at their own
+    positions plus N empty-canvas tokens at random removed positions (the first N of one random
+    order per sample, so each N adds to the smaller one's), "full" the whole image. An empty token
+    shows no object: if "how many" still climbs with N, the model reads its evidence relative to
+    how many visual tokens there are."""
+    extra = np.random.default_rng(seed)
+    out = {"full": [], **{n: [] for n in pads}}
+    for s in syn.short_answer_samples("test", start, samples):
+        _, proj = visual_features(model, processor, s.image)
+        _, empty = visual_features(model, processor, blank_like(s.image))
+        n = len(proj)
+        keep = np.sort(np.argsort(-s.patch_priority(), kind="stable")[:tokens])
+        filled = empty.clone()
+        filled[keep] = proj[keep]
+        others = extra.permutation(np.setdiff1d(np.arange(n), keep))
+        runs = {"full": (proj, torch.arange(n))}
+        for k in pads:
+            some = torch.from_numpy(np.sort(np.concatenate([keep, others[:k]])))
+            runs[k] = (filled[some], some)
+        for key, (visual, positions) in runs.items():
+            pred = answer(model, processor.tokenizer, s.question, visual, positions, n_image=n)
+            out[key].append((s, pred, syn.score(s.qtype, pred, s.answer)))
+    return out
+
+
 SINK_PARTS = ("<s>", "object", "background", "text")
 
 
@@ -290,6 +327,12 @@ def main(argv=None) -> None:
     k.add_argument("--samples", type=int, default=40)
     k.add_argument("--read", action="store_true",
                    help="give the scene in words where the image would be (a language stage's reading form)")
+    q = sub.add_parser("pad", help="the oracle's tokens plus N empty-canvas tokens: does the evidence count, or its share?")
+    q.add_argument("--model", default=str(embedded.EMBEDDED_DIR))
+    q.add_argument("--tokens", type=int, default=16)
+    q.add_argument("--samples", type=int, default=120)
+    q.add_argument("--pads", type=lambda t: tuple(int(v) for v in t.split(",")), default=PADS,
+                   help="numbers of empty-canvas tokens added, comma-separated (default %(default)s)")
     d = sub.add_parser("depth", help="the oracle's and random's tokens kept from decoder layer K on")
     d.add_argument("--model", default=str(embedded.EMBEDDED_DIR))
     d.add_argument("--tokens", type=int, default=16)
@@ -321,9 +364,18 @@ def main(argv=None) -> None:
         for stage, acc in table.items():
             print(f"{stage:18s} " + " ".join(f"{acc[f]:7.2f}" for f in PATCH_FIELDS + PLACE_FIELDS))
         return
-    out = fill(model, processor, a.tokens, a.samples)
+    if a.check == "pad":
+        if not all(0 <= k <= syn.NUM_PATCHES - a.tokens for k in a.pads):
+            raise SystemExit(f"pad: --pads {','.join(map(str, a.pads))}: each from 0 to "
+                             f"{syn.NUM_PATCHES - a.tokens} (the positions the oracle's {a.tokens} tokens leave)")
+        out = {(k if k == "full" else f"oracle + {k} empty"): v
+               for k, v in pad(model, processor, a.tokens, a.samples, a.pads).items()}
+        title = f"{a.tokens} oracle tokens plus N empty-canvas tokens"
+    else:
+        out = fill(model, processor, a.tokens, a.samples)
+        title = f"{a.tokens} of {syn.NUM_PATCHES} visual tokens"
     types = sorted({s.qtype for s, _, _ in out["full"]})
-    print(f"{a.model}: {a.tokens} of {syn.NUM_PATCHES} visual tokens, {a.samples} samples; accuracy %")
+    print(f"{a.model}: {title}, {a.samples} samples; accuracy %")
     print(f"{'condition':18s} {'all':>5s} " + " ".join(f"{t[:9]:>9s}" for t in types))
     for c, rows in out.items():
         by = {t: [v for s, _, v in rows if s.qtype == t] for t in types}
