@@ -7,8 +7,8 @@
     python -m tools.diagnose_embedded pad --model DIR [--tokens 16] [--samples 120] [--pads 0,4,16,48,128]
 
 `probe`: can a linear classifier read each object patch's colour, shape and letter, and its place
-(cell of the 3 x 3 grid, row and column of the 12 x 12 patch grid), from the tower's features, the projector's output and the decoder's states at the visual tokens? Held-out
-accuracy per stage (70/30 split over patches, samples from test 700 on). A stage where one falls
+(cell of the 3 x 3 grid, row and column of the 12 x 12 patch grid), from the tower's features, the
+projector's output and the decoder's states at the visual tokens? Held-out accuracy per stage (70/30 split over patches, samples from test 700 on). A stage where one falls
 is where the model loses it: the neutral candidate's projector dropped colour (1.00 -> 0.65), and
 the model answered "orange" for every colour.
 
@@ -115,6 +115,7 @@ def probe(model, processor, samples: int, start: int = 700) -> dict[str, dict[st
     picks = sorted({0, 2, layers // 2, layers - 1})
     stages = {"tower": [], "projector": [], **{f"decoder layer {i}": [] for i in picks}}
     labels = {f: [] for f in PATCH_FIELDS + PLACE_FIELDS}
+    places = {f: torch.from_numpy(v) for f, v in patch_places().items()}
     with torch.no_grad():
         for i in range(start, start + samples):
             s = syn.make_sample("test", i)
@@ -128,8 +129,8 @@ def probe(model, processor, samples: int, start: int = 700) -> dict[str, dict[st
                 stages[f"decoder layer {layer}"].append(out.hidden_states[layer + 1][0][is_image])
             for f, v in syn.patch_labels(s.objects).items():
                 labels[f].append(torch.from_numpy(v))
-            for f, v in patch_places().items():
-                labels[f].append(torch.from_numpy(v))
+            for f, v in places.items():
+                labels[f].append(v)
     labels = {f: torch.cat(v) for f, v in labels.items()}
     on_object = labels["color"] > 0
     return {stage: {f: linear_probe(torch.cat(rows)[on_object], labels[f][on_object]) for f in labels}
@@ -166,6 +167,11 @@ def answer(model, tokenizer, question: str, visual: torch.Tensor, positions: tor
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
+def oracle_tokens(s: syn.Sample, tokens: int) -> np.ndarray:
+    """The oracle control's `tokens` patches (Sample.patch_priority's first), in image order."""
+    return np.sort(np.argsort(-s.patch_priority(), kind="stable")[:tokens])
+
+
 CONDITIONS = ("full", "oracle kept", "oracle kept+fill", "oracle kept+as many", "oracle packed", "random kept",
               "random kept+fill", "blank")
 
@@ -181,7 +187,7 @@ def fill(model, processor, tokens: int, samples: int, start: int = 600, seed: in
         _, empty = visual_features(model, processor, blank_like(s.image))
         n = len(proj)
         every = torch.arange(n)
-        oracle = torch.from_numpy(np.argsort(-s.patch_priority(), kind="stable")[:tokens].copy()).sort().values
+        oracle = torch.from_numpy(oracle_tokens(s, tokens))
         chance = torch.from_numpy(rng.permutation(n)[:tokens]).sort().values
         # (visual tokens, their image slots, the image's length: the text starts after it)
         runs = {"full": (proj, every, n), "blank": (empty[chance], chance, n),
@@ -217,7 +223,7 @@ def pad(model, processor, tokens: int, samples: int, pads=PADS, start: int = 600
         _, proj = visual_features(model, processor, s.image)
         _, empty = visual_features(model, processor, blank_like(s.image))
         n = len(proj)
-        keep = np.sort(np.argsort(-s.patch_priority(), kind="stable")[:tokens])
+        keep = oracle_tokens(s, tokens)
         filled = empty.clone()
         filled[keep] = proj[keep]
         others = extra.permutation(np.setdiff1d(np.arange(n), keep))
