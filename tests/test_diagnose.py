@@ -37,15 +37,19 @@ def test_pad_spans_the_kept_tokens_to_the_filled_image(tiny_llava_dir, capsys):
     model, processor = de.load(tiny_llava_dir)
     whole = de.pad(model, processor, syn.NUM_PATCHES, 3, pads=(0,))  # every token kept, none added
     assert [p for _, p, _ in whole[0]] == [p for _, p, _ in whole["full"]]
-    out = de.pad(model, processor, 16, 4, pads=(0, syn.NUM_PATCHES - 16))
+    out = de.pad(model, processor, 16, 4, pads=(0, 16, syn.NUM_PATCHES - 16))
     filled = de.fill(model, processor, 16, 4)  # every removed position padded: fill's kept+fill
     assert [p for _, p, _ in out[syn.NUM_PATCHES - 16]] == [p for _, p, _ in filled["oracle kept+fill"]]
+    assert [p for _, p, _ in out[16]] == [p for _, p, _ in filled["oracle kept+as many"]]  # same draws
     assert [p for _, p, _ in out[0]] == [p for _, p, _ in filled["oracle kept"]]
     de.main(["pad", "--model", tiny_llava_dir, "--samples", "2", "--pads", "0,8"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and lines[3].startswith("oracle + 0 empty")
     with pytest.raises(SystemExit, match="--pads 0,200: each from 0 to 128"):
         de.main(["pad", "--model", tiny_llava_dir, "--pads", "0,200"])
+    with pytest.raises(SystemExit):
+        de.main(["pad", "--model", tiny_llava_dir, "--pads", "0,a"])
+    assert "--pads '0,a': whole numbers separated by commas" in capsys.readouterr().err
 
 
 def test_linear_probe_reads_separable_labels_and_not_noise():

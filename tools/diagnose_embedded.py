@@ -8,8 +8,9 @@
 
 `probe`: can a linear classifier read each object patch's colour, shape and letter, and its place
 (cell of the 3 x 3 grid, row and column of the 12 x 12 patch grid), from the tower's features, the
-projector's output and the decoder's states at the visual tokens? Held-out accuracy per stage (70/30 split over patches, samples from test 700 on). A stage where one falls
-is where the model loses it: the neutral candidate's projector dropped colour (1.00 -> 0.65), and
+projector's output and the decoder's states at the visual tokens? Held-out accuracy per stage
+(70/30 split over patches, samples from test 700 on). A stage where one falls is where the model
+loses it: the neutral candidate's projector dropped colour (1.00 -> 0.65), and
 the model answered "orange" for every colour.
 
 `fill`: at --tokens kept visual tokens, chosen as the oracle control chooses (the question's
@@ -172,6 +173,13 @@ def oracle_tokens(s: syn.Sample, tokens: int) -> np.ndarray:
     return np.sort(np.argsort(-s.patch_priority(), kind="stable")[:tokens])
 
 
+def with_empty(filled: torch.Tensor, keep: np.ndarray, order: np.ndarray, k: int):
+    """(visual tokens, their image slots): the kept slots plus the first `k` of `order` (removed
+    slots), read from `filled` (the kept slots' own features, the rest the empty canvas's)."""
+    slots = torch.from_numpy(np.sort(np.concatenate([keep, order[:k]])))
+    return filled[slots], slots
+
+
 CONDITIONS = ("full", "oracle kept", "oracle kept+fill", "oracle kept+as many", "oracle packed", "random kept",
               "random kept+fill", "blank")
 
@@ -198,9 +206,8 @@ def fill(model, processor, tokens: int, samples: int, start: int = 600, seed: in
             runs[f"{name} kept"] = (proj[keep], keep, n)
             runs[f"{name} kept+fill"] = (filled, every, n)
             if name == "oracle":  # as many empty-canvas tokens again, at random removed positions
-                others = np.setdiff1d(np.arange(n), keep.numpy())
-                some = torch.from_numpy(np.sort(np.concatenate([keep.numpy(), extra.permutation(others)[:tokens]])))
-                runs["oracle kept+as many"] = (filled[some], some, n)
+                order = extra.permutation(np.setdiff1d(np.arange(n), keep.numpy()))
+                runs["oracle kept+as many"] = (*with_empty(filled, keep.numpy(), order, tokens), n)
         for c in CONDITIONS:
             visual, positions, n_image = runs[c]
             pred = answer(model, processor.tokenizer, s.question, visual, positions, n_image=n_image)
@@ -226,11 +233,8 @@ def pad(model, processor, tokens: int, samples: int, pads=PADS, start: int = 600
         keep = oracle_tokens(s, tokens)
         filled = empty.clone()
         filled[keep] = proj[keep]
-        others = extra.permutation(np.setdiff1d(np.arange(n), keep))
-        runs = {"full": (proj, torch.arange(n))}
-        for k in pads:
-            some = torch.from_numpy(np.sort(np.concatenate([keep, others[:k]])))
-            runs[k] = (filled[some], some)
+        order = extra.permutation(np.setdiff1d(np.arange(n), keep))
+        runs = {"full": (proj, torch.arange(n)), **{k: with_empty(filled, keep, order, k) for k in pads}}
         for key, (visual, positions) in runs.items():
             pred = answer(model, processor.tokenizer, s.question, visual, positions, n_image=n)
             out[key].append((s, pred, syn.score(s.qtype, pred, s.answer)))
@@ -318,6 +322,14 @@ def depth(model_dir: str, tokens: int, samples: int, depths=DEPTHS) -> dict[str,
     return out
 
 
+def parse_pads(text: str) -> tuple[int, ...]:
+    """'0,4,16' -> (0, 4, 16)."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pads {text!r}: whole numbers separated by commas, e.g. 0,4,16") from None
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="check", required=True)
@@ -337,7 +349,7 @@ def main(argv=None) -> None:
     q.add_argument("--model", default=str(embedded.EMBEDDED_DIR))
     q.add_argument("--tokens", type=int, default=16)
     q.add_argument("--samples", type=int, default=120)
-    q.add_argument("--pads", type=lambda t: tuple(int(v) for v in t.split(",")), default=PADS,
+    q.add_argument("--pads", type=parse_pads, default=PADS,
                    help="numbers of empty-canvas tokens added, comma-separated (default %(default)s)")
     d = sub.add_parser("depth", help="the oracle's and random's tokens kept from decoder layer K on")
     d.add_argument("--model", default=str(embedded.EMBEDDED_DIR))
@@ -354,6 +366,9 @@ def main(argv=None) -> None:
         for series, row in table.items():
             print(f"{series:16s} {100 * row['all']:5.1f} " + " ".join(f"{100 * row[t]:9.0f}" for t in types))
         return
+    if a.check == "pad" and not all(0 <= k <= syn.NUM_PATCHES - a.tokens for k in a.pads):
+        raise SystemExit(f"pad: --pads {','.join(map(str, a.pads))}: each from 0 to "
+                         f"{syn.NUM_PATCHES - a.tokens} (the positions the oracle's {a.tokens} tokens leave)")
     model, processor = load(a.model, "eager" if a.check == "sinks" else None)
     if a.check == "sinks":
         table = sinks(model, processor, a.samples, read=a.read)
@@ -371,9 +386,6 @@ def main(argv=None) -> None:
             print(f"{stage:18s} " + " ".join(f"{acc[f]:7.2f}" for f in PATCH_FIELDS + PLACE_FIELDS))
         return
     if a.check == "pad":
-        if not all(0 <= k <= syn.NUM_PATCHES - a.tokens for k in a.pads):
-            raise SystemExit(f"pad: --pads {','.join(map(str, a.pads))}: each from 0 to "
-                             f"{syn.NUM_PATCHES - a.tokens} (the positions the oracle's {a.tokens} tokens leave)")
         out = {(k if k == "full" else f"oracle + {k} empty"): v
                for k, v in pad(model, processor, a.tokens, a.samples, a.pads).items()}
         title = f"{a.tokens} oracle tokens plus N empty-canvas tokens"
