@@ -3,14 +3,18 @@ is each sample's correctness explained by how much of its question's objects was
 method kept it? A model trained on some selection rule's patterns answers better from that rule's
 tokens than their coverage explains; a faithful miniature, like a real LVLM, does not."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from harness.data.synthetic import make_sample
 from tools import fidelity
 
 TOKENS = 16
-METHODS = ["twigvlm", {"name": "fastv", "settings": {"K": 1}}, "sparsevlm", "visionzip", "random", "pool", "oracle"]
+# pool is left out: it keeps no patch as itself (each token averages a 3 x 3 window), so the
+# coverage of kept patches does not describe what it shows (tools/fidelity.py)
+METHODS = ["twigvlm", {"name": "fastv", "settings": {"K": 1}}, "sparsevlm", "visionzip", "random", "oracle"]
 N = int(os.environ.get("TWIGBENCH_FIDELITY_N", 300))  # short-answer samples (test split 600..): about +-5 points
 
 
@@ -22,7 +26,7 @@ N = int(os.environ.get("TWIGBENCH_FIDELITY_N", 300))  # short-answer samples (te
 def test_accuracy_is_explained_by_what_was_kept(device, capsys):
     names, rows, records = fidelity.run_inline("embedded", TOKENS, N, METHODS, device=str(device))
     base = records.pop("baseline")
-    point, lo, hi, _ = fidelity.effects(rows, len(names))
+    point, lo, hi = fidelity.effects(rows, len(names))
     acc = fidelity.accuracy(records | {"baseline": base})
     with capsys.disabled():
         print("\n" + fidelity.table(names, rows, f"embedded, {TOKENS} tokens, {N} samples per method"))
@@ -45,3 +49,36 @@ def test_inline_fidelity_runs_a_model_directory_without_mlflow():
     assert fidelity.method_entry("fastv:K=1,R=2") == {"name": "fastv", "settings": {"K": 1, "R": 2}}
     with pytest.raises(SystemExit, match="'K' of 'fastv:K': expected NAME=INT"):
         fidelity.method_entry("fastv:K")
+
+
+def test_bins_fit_finds_no_effect_where_a_line_would():
+    """Two methods on one concave accuracy curve, at different coverage: equal at equal coverage.
+    Scores are the curve's exact values, so the step fit recovers the effects exactly."""
+    curve = {0: 0.2, 1: 0.5, 2: 0.7, 3: 0.8, 4: 0.85, 5: 0.9, 6: 0.9, 7: 0.92, 8: 0.93, 9: 0.95}
+    centres = [0.0, 0.03, 0.07, 0.15, 0.3, 0.4, 0.6, 0.8, 0.95, 1.0]
+    assert list(fidelity.coverage_bin(np.array(centres))) == list(range(10))
+    low = [0, 0, 1, 2, 3, 3, 4]  # bins of method 0's samples: mostly low coverage
+    high = [3, 4, 5, 6, 7, 8, 9, 9, 9]
+    rows = [(0, centres[b], curve[b]) for b in low] + [(1, centres[b], curve[b]) for b in high]
+    which, cov, score = (np.array(c) for c in zip(*rows))
+    assert np.allclose(fidelity.fit(2, cov, score, which, "bins"), 0, atol=1e-9)
+    assert abs(fidelity.fit(2, cov, score, which, "linear")[0]) > 0.03  # the line's misfit, in method 0's effect
+    shifted = score + 0.1 * (which == 1)  # a true +10 points for method 1
+    assert np.allclose(fidelity.fit(2, cov, shifted, which, "bins"), [-0.05, 0.05], atol=1e-9)
+
+
+def test_coverage_is_read_at_the_last_point_that_keeps_tokens():
+    sample = make_sample("test", 600)
+    rel = sample.patch_relevance()
+    objects = [int(p) for p in np.flatnonzero(rel)]
+    other = [int(p) for p in np.flatnonzero(rel == 0)]
+    staged = SimpleNamespace(uid="test-600", qtype=sample.qtype, merged={},
+                             keep={"1": objects + other[:16 - len(objects)], "3": objects[:1] + other[:4], "8": other[:3]})
+    assert fidelity.last_point(staged.keep) == "8"
+    assert fidelity.coverage(staged, TOKENS) == 0.0  # what the deepest layers see: no object
+    assert fidelity.coverage(staged, TOKENS, point="budget") == 1.0  # layer 1, which keeps 16
+    wiped = SimpleNamespace(uid="test-600", qtype=sample.qtype, merged={}, keep={"2": objects[:1], "12": []})
+    assert fidelity.last_point(wiped.keep) == "2"  # a FinalWipe's empty point is skipped
+    assert fidelity.coverage(wiped, TOKENS) == pytest.approx(rel[objects[0]] / rel.sum())
+    assert fidelity.coverage(SimpleNamespace(uid="test-600", qtype=sample.qtype, merged={}, keep={"2": []}),
+                             TOKENS) == 0.0

@@ -2,9 +2,20 @@
 in MLflow (no model is run): for every pruning cell at one budget, each sample's score against the
 fraction of its question's object pixels that sit in patches kept as themselves (patches merged
 into a kept token count only with --merged: VisionZip's contextual tokens and pooling then cover
-nearly everything), fitted as score = effect[method] + slope * coverage by least squares. A faithful
-miniature gives every method the same effect at equal coverage (within a few points); a model
-trained on some selection rule's patterns answers better from that rule's tokens.
+nearly everything), fitted as score = effect[method] + f(coverage) by least squares, f a step
+function over the coverage bins BINS (--fit linear: f = slope * coverage). A faithful miniature
+gives every method the same effect at equal coverage (within a few points); a model trained on
+some selection rule's patterns answers better from that rule's tokens.
+
+Coverage is read at the last pruning point that keeps visual tokens (--point last): what the
+deepest layers that still see the image see. A method that prunes in stages (SparseVLM: 17, 8, 4
+tokens after layers 1, 3, 8 at 16 tokens) is judged by what survives; a FinalWipe, which leaves
+nothing, is skipped. --point budget reads the point whose kept count is nearest the budget.
+
+Why bins: accuracy rises steeply with the first objects' patches and then flattens, and the
+methods sit at different coverage (FastV mostly at 0, random spread over 0.05-0.35, the oracle at
+1), so a straight line leaves each method's share of the curve in its effect. The bins compare
+methods where their samples share a coverage bin; a method alone in its bins gets a wide interval.
 
     python -m tools.fidelity [--experiment default] [--tokens 16] [--tracking-uri sqlite:///mlflow.db] [--merged]
     python -m tools.fidelity --model DIR [--tokens 16] [--samples 150] [--methods fastv:K=1 random oracle ...]
@@ -13,12 +24,13 @@ trained on some selection rule's patterns answers better from that rule's tokens
 a sweep): the baseline and each method on the first --samples short-answer samples of the test
 split from 600 on (no test uses them), 3 new tokens each.
 
-Prints per method: samples, mean coverage, accuracy, and the effect at the mean coverage relative
-to the mean of the methods, with a 95 % bootstrap interval over samples.
+Prints per method: samples, mean coverage, accuracy, and the effect at equal coverage relative to
+the mean of the methods, with a 95 % bootstrap interval over samples (and the other fit's point).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 
 import numpy as np
 
@@ -28,65 +40,96 @@ from reports.figures import kept_patches
 from reports.load import load_sweep
 
 BOOTSTRAP = 1000
+BINS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 0.999)  # left edges; exactly 0 is a bin of its own
+FITS = ("bins", "linear")
+POINTS = ("last", "budget")
 
 
-def coverage(record, tokens: int, with_merged: bool = False) -> float | None:
-    """Fraction of the question's object pixels in patches kept at the drawn pruning point."""
+def last_point(keep: dict) -> str | None:
+    """The last pruning point that keeps visual tokens (a FinalWipe's empty point is skipped)."""
+    kept = [k for k in sorted(keep, key=int) if keep[k]]
+    return kept[-1] if kept else None
+
+
+def coverage(record, tokens: int, with_merged: bool = False, point: str = "last") -> float | None:
+    """Fraction of the question's object pixels in patches kept at the last pruning point that
+    keeps tokens (point 'last') or at the one nearest the budget ('budget')."""
     split, _, index = record.uid.rpartition("-")
     relevance = make_sample(split, int(index), record.qtype or None).patch_relevance()
     total = float(relevance.sum())
     if total == 0:
         return None
+    if point == "last" and record.keep:
+        layer = last_point(record.keep)
+        if layer is None:  # every point keeps nothing
+            return 0.0
+        record = copy.copy(record)
+        record.keep = {layer: record.keep[layer]} if layer is not None else {}
+        record.merged = {k: v for k, v in record.merged.items() if int(k) <= int(layer)}
     kept, merged, _ = kept_patches(record, tokens)
     kept = set(range(NUM_PATCHES)) if kept is None else kept | (merged if with_merged else set())
     return float(sum(relevance[p] for p in kept if p < NUM_PATCHES)) / total
 
 
-def fit(methods: list[str], cov: np.ndarray, score: np.ndarray, which: np.ndarray) -> np.ndarray:
-    """Least squares of score on one intercept per method and a common slope on coverage; returns
-    each method's fitted score at the mean coverage, minus their mean."""
-    x = np.zeros((len(score), len(methods) + 1))
-    x[np.arange(len(score)), which] = 1.0
-    x[:, -1] = cov
+def coverage_bin(cov: np.ndarray) -> np.ndarray:
+    """Index of each coverage's bin: 0 for exactly 0, then one per left edge of BINS above 0."""
+    return np.where(cov <= 0, 0, np.searchsorted(BINS, cov, side="right"))
+
+
+def fit(n_methods: int, cov: np.ndarray, score: np.ndarray, which: np.ndarray, how: str = "bins") -> np.ndarray:
+    """Least squares of score on one intercept per method and a common function of coverage (a step
+    per coverage bin, or a slope); returns each method's intercept minus their mean, i.e. its effect
+    at equal coverage. The bins' levels and the intercepts share one free constant, which the mean
+    removes, so the result is unique where the methods' bins overlap (else it is lstsq's minimum-norm
+    choice and the bootstrap shows it)."""
+    if how == "linear":
+        f = cov[:, None]
+    else:
+        b = coverage_bin(cov)
+        f = np.eye(len(BINS) + 1)[b][:, 1:]  # bin 0 is the reference level
+    x = np.c_[np.eye(n_methods)[which], f]
     beta, *_ = np.linalg.lstsq(x, score, rcond=None)
-    at_mean = beta[:-1] + beta[-1] * cov.mean()
-    return at_mean - at_mean.mean()
+    return beta[:n_methods] - beta[:n_methods].mean()
 
 
-def effects(rows: list[tuple[int, float, float]], n_methods: int, seed: int = 0):
-    """(point, low, high, slope): each method's effect at equal coverage (fit) with a 95 % bootstrap
+def effects(rows: list[tuple[int, float, float]], n_methods: int, seed: int = 0, how: str = "bins"):
+    """(point, low, high): each method's effect at equal coverage (fit) with a 95 % bootstrap
     interval over samples (resampled within each method), from rows of (method, coverage, score)."""
     which = np.array([m for m, _, _ in rows])
     cov = np.array([v for _, v, _ in rows])
     score = np.array([s for _, _, s in rows])
-    names = list(range(n_methods))
-    point = fit(names, cov, score, which)
+    point = fit(n_methods, cov, score, which, how)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(BOOTSTRAP):
-        idx = np.concatenate([rng.choice(np.flatnonzero(which == m), (which == m).sum()) for m in names])
-        draws.append(fit(names, cov[idx], score[idx], which[idx]))
+        idx = np.concatenate([rng.choice(np.flatnonzero(which == m), (which == m).sum()) for m in range(n_methods)])
+        draws.append(fit(n_methods, cov[idx], score[idx], which[idx], how))
     lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
-    slope = np.linalg.lstsq(np.c_[np.eye(n_methods)[which], cov], score, rcond=None)[0][-1]
-    return point, lo, hi, slope
+    return point, lo, hi
 
 
-def table(methods: list[str], rows, title: str) -> str:
-    """The printed fidelity table."""
-    point, lo, hi, slope = effects(rows, len(methods))
+def table(methods: list[str], rows, title: str, how: str = "bins") -> str:
+    """The printed fidelity table: the chosen fit's effects with intervals, the other fit's point."""
+    point, lo, hi = effects(rows, len(methods), how=how)
+    other = "linear" if how == "bins" else "bins"
     which = np.array([m for m, _, _ in rows])
     cov = np.array([v for _, v, _ in rows])
     score = np.array([s for _, _, s in rows])
-    out = [f"{title}: score = effect[method] + slope * coverage (slope {slope:.3f})",
-           f"{'method':<22} {'n':>4} {'coverage':>9} {'accuracy':>9} {'effect at equal coverage (95 % CI)':>38}"]
+    alt = fit(len(methods), cov, score, which, other)
+    shape = "a step per coverage bin" if how == "bins" else "slope * coverage"
+    out = [f"{title}: score = effect[method] + f(coverage), f {shape}",
+           f"{'method':<22} {'n':>4} {'coverage':>9} {'accuracy':>9} {'effect at equal coverage (95 % CI)':>38} "
+           f"{other + ' fit':>11}"]
     for m, name in enumerate(methods):
         sel = which == m
         out.append(f"{name:<22} {sel.sum():>4} {cov[sel].mean():>9.3f} {100 * score[sel].mean():>8.1f}% "
-                   f"{100 * point[m]:>+14.1f} points [{100 * lo[m]:+.1f}, {100 * hi[m]:+.1f}]")
+                   f"{100 * point[m]:>+14.1f} points [{100 * lo[m]:+.1f}, {100 * hi[m]:+.1f}] {100 * alt[m]:>+10.1f}")
     return "\n".join(out)
 
 
-NO_TWIG_METHODS = ("fastv:K=1", "sparsevlm", "visionzip", "random", "pool", "oracle")
+# pool is not among them: it keeps no patch as itself (each token averages a window of patches), so
+# the coverage of kept patches does not describe what it shows; --methods pool still runs it
+NO_TWIG_METHODS = ("fastv:K=1", "sparsevlm", "visionzip", "random", "oracle")
 
 
 def method_entry(text: str):
@@ -104,7 +147,7 @@ def method_entry(text: str):
 
 
 def run_inline(model: str, tokens: int, samples: int, methods, merged: bool = False,
-               device: str | None = None) -> tuple[list, list, dict]:
+               device: str | None = None, point: str = "last") -> tuple[list, list, dict]:
     """(method names, rows of (method, coverage, score), records per series incl. the baseline's).
     Methods are experiment entries or NAME:SETTING=INT,... strings."""
     from harness.cell import run_cell
@@ -122,7 +165,7 @@ def run_inline(model: str, tokens: int, samples: int, methods, merged: bool = Fa
     records = {c.series: run_cell(adapter, c, data, inputs).records for c in exp.cells}
     names = [k for k in records if k != "baseline"]
     rows = [(m, v, r.score) for m, name in enumerate(names) for r in records[name]
-            if (v := coverage(r, tokens, merged)) is not None]
+            if (v := coverage(r, tokens, merged, point)) is not None]
     return names, rows, records
 
 
@@ -136,14 +179,18 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     ap.add_argument("--merged", action="store_true", help="patches merged into a kept token count as kept")
+    ap.add_argument("--fit", default="bins", choices=FITS, help="f(coverage): a step per bin, or a line")
+    ap.add_argument("--point", default="last", choices=POINTS,
+                    help="read coverage at the last pruning point that keeps tokens, or the one nearest the budget")
     ap.add_argument("--model", default=None, help="run the cells here on this model directory (no MLflow)")
     ap.add_argument("--samples", type=int, default=150, help="with --model: short-answer samples per method")
     ap.add_argument("--methods", nargs="+", default=list(NO_TWIG_METHODS),
                     help="with --model: NAME or NAME:SETTING=INT,... (twigvlm needs the model's twig)")
     args = ap.parse_args(argv)
     if args.model:
-        names, rows, records = run_inline(args.model, args.tokens, args.samples, args.methods, args.merged)
-        print(table(names, rows, f"{args.model}, {args.tokens} tokens, {args.samples} samples"))
+        names, rows, records = run_inline(args.model, args.tokens, args.samples, args.methods, args.merged,
+                                          point=args.point)
+        print(table(names, rows, f"{args.model}, {args.tokens} tokens, {args.samples} samples", args.fit))
         print("accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy(records).items()))
         return
     sweep = load_sweep(args.experiment, args.tracking_uri)
@@ -152,10 +199,10 @@ def main(argv=None) -> None:
     for c in cells:
         methods.append(c.series)
         for r in sweep.records(c):
-            v = coverage(r, args.tokens, args.merged)
+            v = coverage(r, args.tokens, args.merged, args.point)
             if v is not None:
                 rows.append((len(methods) - 1, v, r.score))
-    print(table(methods, rows, f"{args.experiment}, {args.tokens} tokens"))
+    print(table(methods, rows, f"{args.experiment}, {args.tokens} tokens", args.fit))
 
 
 if __name__ == "__main__":
