@@ -343,14 +343,14 @@ def test_an_lmms_eval_task_without_a_numeric_per_sample_score_shows_its_own_metr
 
 
 def test_fidelity_fit_recovers_a_method_effect_at_equal_coverage():
-    """tools.fidelity: score = effect[method] + slope * coverage; a method that scores 0.2 more at
-    the same coverage gets +0.1 against the mean of two, whatever the two methods' coverages."""
+    """tools.fidelity --fit linear: score = effect[method] + slope * coverage; a method that scores
+    0.2 more at the same coverage gets +0.1 against the mean of two, whatever their coverages."""
     from tools.fidelity import fit
 
     rng = np.random.default_rng(0)
     which = np.repeat([0, 1], 400)
     cov = np.where(which == 0, rng.uniform(0, 0.5, 800), rng.uniform(0.5, 1, 800))  # different coverage
     score = 0.3 + 0.5 * cov + 0.2 * (which == 1)
-    assert np.allclose(fit(["a", "b"], cov, score, which), [-0.1, 0.1])
+    assert np.allclose(fit(2, cov, score, which, "linear"), [-0.1, 0.1])
     same = 0.3 + 0.5 * cov  # explained by coverage alone: no method effect
-    assert np.allclose(fit(["a", "b"], cov, same, which), [0.0, 0.0], atol=1e-12)
+    assert np.allclose(fit(2, cov, same, which, "linear"), [0.0, 0.0], atol=1e-12)

@@ -129,6 +129,7 @@ def table(methods: list[str], rows, title: str, how: str = "bins") -> str:
 
 # pool is not among them: it keeps no patch as itself (each token averages a window of patches), so
 # the coverage of kept patches does not describe what it shows; --methods pool still runs it
+UNFRAMED = ("pool",)  # left out of a sweep's table
 NO_TWIG_METHODS = ("fastv:K=1", "sparsevlm", "visionzip", "random", "oracle")
 
 
@@ -194,7 +195,8 @@ def main(argv=None) -> None:
         print("accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy(records).items()))
         return
     sweep = load_sweep(args.experiment, args.tracking_uri)
-    cells = [c for c in sweep.cells if c.budgeted and c.tokens == args.tokens and not c.ssd and c.dataset == "shapes"]
+    cells = [c for c in sweep.cells if c.budgeted and c.tokens == args.tokens and not c.ssd and c.dataset == "shapes"
+             and c.method not in UNFRAMED]
     methods, rows = [], []
     for c in cells:
         methods.append(c.series)
