@@ -206,6 +206,8 @@ def test_publish_history_follows_the_init_from_chain(tmp_path):
     assert [st["steps"] for st in chain] == [900, 2600, 10]
     text = pe.stage_text(chain[0], 1)
     assert "--stop-step 900" in text and "stopped by a time budget; 4400 planned" in text
+    chain[0]["args"]["stop_step"] = 900  # a run stopped on purpose (a snapshot), not by --max-minutes
+    assert "stopped by --stop-step; 4400 planned" in pe.stage_text(chain[0], 1)
     last = pe.stage_text(chain[2], 3)
     assert "--init-from build/embedded-2/final" in last and "--canvas-sides 72,96" in last
     assert "drawn from 72, 96 px" in last and "object heads at decoder layer 8 x 1" in last

@@ -124,7 +124,8 @@ def neutral_text(stage: dict, i: int) -> str:
              + (f"; every patch names its grid cell from the tower's features and the projector's output "
                 f"x {a['where_weight']:g}" + (" (object and background patches weighing half each)"
                                               if a.get("where_balance") else "") if a.get("where_weight") else ""))
-    stop = f" (stopped by a time budget; {planned} planned)" if stage["steps"] < planned else ""
+    why = "by --stop-step" if a.get("stop_step") else "by a time budget"
+    stop = f" (stopped {why}; {planned} planned)" if stage["steps"] < planned else ""
     return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps{stop}, batch {a['batch']}, lr {a['lr']:g}, "
             f"AdamW, warm-up then cosine, bf16 autocast, {stage['minutes']} minutes on {where(stage)}; {what}.\n")
 
