@@ -65,6 +65,12 @@ def test_bins_fit_finds_no_effect_where_a_line_would():
     assert abs(fidelity.fit(2, cov, score, which, "linear")[0]) > 0.03  # the line's misfit, in method 0's effect
     shifted = score + 0.1 * (which == 1)  # a true +10 points for method 1
     assert np.allclose(fidelity.fit(2, cov, shifted, which, "bins"), [-0.05, 0.05], atol=1e-9)
+    apart = np.where(which == 0, 0.03, 0.95)  # no shared bin: not comparable at equal coverage
+    assert fidelity.linked(2, apart, which) == [[0], [1]] and fidelity.linked(2, cov, which) == [[0, 1]]
+    with pytest.raises(ValueError, match=r"groups \[\[0\], \[1\]\] share no coverage bin"):
+        fidelity.effects(list(zip(which, apart, score)), 2)
+    with pytest.raises(SystemExit, match="links these groups of methods: a | b"):
+        fidelity.table(["a", "b"], list(zip(which, apart, score)), "t")
 
 
 def test_coverage_is_read_at_the_last_point_that_keeps_tokens():

@@ -64,7 +64,7 @@ def coverage(record, tokens: int, with_merged: bool = False, point: str = "last"
         if layer is None:  # every point keeps nothing
             return 0.0
         record = copy.copy(record)
-        record.keep = {layer: record.keep[layer]} if layer is not None else {}
+        record.keep = {layer: record.keep[layer]}
         record.merged = {k: v for k, v in record.merged.items() if int(k) <= int(layer)}
     kept, merged, _ = kept_patches(record, tokens)
     kept = set(range(NUM_PATCHES)) if kept is None else kept | (merged if with_merged else set())
@@ -76,12 +76,32 @@ def coverage_bin(cov: np.ndarray) -> np.ndarray:
     return np.where(cov <= 0, 0, np.searchsorted(BINS, cov, side="right"))
 
 
+def linked(n_methods: int, cov: np.ndarray, which: np.ndarray) -> list[list[int]]:
+    """The methods in groups that reach each other through shared coverage bins (one group: every
+    pair of methods is compared at equal coverage, directly or through others)."""
+    group = list(range(n_methods))
+
+    def root(m):
+        while group[m] != m:
+            m = group[m]
+        return m
+
+    bins = coverage_bin(cov)
+    for b in np.unique(bins):
+        ms = np.unique(which[bins == b])
+        for m in ms[1:]:
+            group[root(int(m))] = root(int(ms[0]))
+    out: dict[int, list[int]] = {}
+    for m in range(n_methods):
+        out.setdefault(root(m), []).append(m)
+    return list(out.values())
+
+
 def fit(n_methods: int, cov: np.ndarray, score: np.ndarray, which: np.ndarray, how: str = "bins") -> np.ndarray:
     """Least squares of score on one intercept per method and a common function of coverage (a step
     per coverage bin, or a slope); returns each method's intercept minus their mean, i.e. its effect
-    at equal coverage. The bins' levels and the intercepts share one free constant, which the mean
-    removes, so the result is unique where the methods' bins overlap (else it is lstsq's minimum-norm
-    choice and the bootstrap shows it)."""
+    at equal coverage. A constant shared by the intercepts and the bin levels cancels in the mean, so
+    the result is unique when the methods are linked() through shared bins (effects() checks)."""
     if how == "linear":
         f = cov[:, None]
     else:
@@ -98,6 +118,9 @@ def effects(rows: list[tuple[int, float, float]], n_methods: int, seed: int = 0,
     which = np.array([m for m, _, _ in rows])
     cov = np.array([v for _, v, _ in rows])
     score = np.array([s for _, _, s in rows])
+    if how == "bins" and len(groups := linked(n_methods, cov, which)) > 1:
+        raise ValueError(f"methods in groups {groups} share no coverage bin: their effects at equal coverage "
+                         "are not defined (more samples, or --fit linear)")
     point = fit(n_methods, cov, score, which, how)
     rng = np.random.default_rng(seed)
     draws = []
@@ -110,11 +133,15 @@ def effects(rows: list[tuple[int, float, float]], n_methods: int, seed: int = 0,
 
 def table(methods: list[str], rows, title: str, how: str = "bins") -> str:
     """The printed fidelity table: the chosen fit's effects with intervals, the other fit's point."""
-    point, lo, hi = effects(rows, len(methods), how=how)
-    other = "linear" if how == "bins" else "bins"
     which = np.array([m for m, _, _ in rows])
     cov = np.array([v for _, v, _ in rows])
     score = np.array([s for _, _, s in rows])
+    if how == "bins" and len(groups := linked(len(methods), cov, which)) > 1:
+        named = " | ".join(", ".join(methods[m] for m in g) for g in groups)
+        raise SystemExit(f"{title}: no coverage bin links these groups of methods: {named}; their effects at "
+                         "equal coverage are not defined (more samples, or --fit linear)")
+    point, lo, hi = effects(rows, len(methods), how=how)
+    other = "linear" if how == "bins" else "bins"
     alt = fit(len(methods), cov, score, which, other)
     shape = "a step per coverage bin" if how == "bins" else "slope * coverage"
     out = [f"{title}: score = effect[method] + f(coverage), f {shape}",
