@@ -74,7 +74,7 @@ def test_bins_fit_finds_no_effect_where_a_line_would():
         fidelity.table(["a", "b"], list(zip(which, apart, score)), "t")
 
 
-def test_coverage_is_read_at_the_last_point_that_keeps_tokens():
+def test_coverage_at_the_budget_point_or_the_last_that_keeps_tokens():
     sample = make_sample("test", 600)
     rel = sample.patch_relevance()
     objects = [int(p) for p in np.flatnonzero(rel)]
@@ -82,10 +82,10 @@ def test_coverage_is_read_at_the_last_point_that_keeps_tokens():
     staged = SimpleNamespace(uid="test-600", qtype=sample.qtype, merged={},
                              keep={"1": objects + other[:16 - len(objects)], "3": objects[:1] + other[:4], "8": other[:3]})
     assert fidelity.last_point(staged.keep) == "8"
-    assert fidelity.coverage(staged, TOKENS) == 0.0  # what the deepest layers see: no object
-    assert fidelity.coverage(staged, TOKENS, point="budget") == 1.0  # layer 1, which keeps 16
+    assert fidelity.coverage(staged, TOKENS, point="last") == 0.0  # what the deepest layers see: no object
+    assert fidelity.coverage(staged, TOKENS) == 1.0  # the default: layer 1, which keeps 16 (the budget)
     wiped = SimpleNamespace(uid="test-600", qtype=sample.qtype, merged={}, keep={"2": objects[:1], "12": []})
     assert fidelity.last_point(wiped.keep) == "2"  # a FinalWipe's empty point is skipped
-    assert fidelity.coverage(wiped, TOKENS) == pytest.approx(rel[objects[0]] / rel.sum())
+    assert fidelity.coverage(wiped, TOKENS, point="last") == pytest.approx(rel[objects[0]] / rel.sum())
     assert fidelity.coverage(SimpleNamespace(uid="test-600", qtype=sample.qtype, merged={}, keep={"2": []}),
-                             TOKENS) == 0.0
+                             TOKENS, point="last") == 0.0

@@ -7,10 +7,12 @@ function over the coverage bins BINS (--fit linear: f = slope * coverage). A fai
 gives every method the same effect at equal coverage (within a few points); a model trained on
 some selection rule's patterns answers better from that rule's tokens.
 
-Coverage is read at the last pruning point that keeps visual tokens (--point last): what the
-deepest layers that still see the image see. A method that prunes in stages (SparseVLM: 17, 8, 4
-tokens after layers 1, 3, 8 at 16 tokens) is judged by what survives; a FinalWipe, which leaves
-nothing, is skipped. --point budget reads the point whose kept count is nearest the budget.
+Coverage is read at the pruning point whose kept count is nearest the budget (--point budget).
+A method that prunes in stages (SparseVLM: 17, 8 and 4 tokens after layers 1, 3 and 8 at 16
+tokens) keeps less after that point, so its effect there includes what its later stages cut;
+--point last reads the last point that keeps visual tokens instead (a FinalWipe, which keeps
+nothing, is skipped), where its effect includes what its earlier stages showed. A faithful model
+puts a staged method at or below 0 at its first point and at or above 0 at its last.
 
 Why bins: accuracy rises steeply with the first objects' patches and then flattens, and the
 methods sit at different coverage (FastV mostly at 0, random spread over 0.05-0.35, the oracle at
@@ -42,7 +44,7 @@ from reports.load import load_sweep
 BOOTSTRAP = 1000
 BINS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 0.999)  # left edges; exactly 0 is a bin of its own
 FITS = ("bins", "linear")
-POINTS = ("last", "budget")
+POINTS = ("budget", "last")
 
 
 def last_point(keep: dict) -> str | None:
@@ -51,9 +53,9 @@ def last_point(keep: dict) -> str | None:
     return kept[-1] if kept else None
 
 
-def coverage(record, tokens: int, with_merged: bool = False, point: str = "last") -> float | None:
-    """Fraction of the question's object pixels in patches kept at the last pruning point that
-    keeps tokens (point 'last') or at the one nearest the budget ('budget')."""
+def coverage(record, tokens: int, with_merged: bool = False, point: str = "budget") -> float | None:
+    """Fraction of the question's object pixels in patches kept at the pruning point nearest the
+    budget (point 'budget') or at the last one that keeps tokens ('last')."""
     split, _, index = record.uid.rpartition("-")
     relevance = make_sample(split, int(index), record.qtype or None).patch_relevance()
     total = float(relevance.sum())
@@ -175,7 +177,7 @@ def method_entry(text: str):
 
 
 def run_inline(model: str, tokens: int, samples: int, methods, merged: bool = False,
-               device: str | None = None, point: str = "last") -> tuple[list, list, dict]:
+               device: str | None = None, point: str = "budget") -> tuple[list, list, dict]:
     """(method names, rows of (method, coverage, score), records per series incl. the baseline's).
     Methods are experiment entries or NAME:SETTING=INT,... strings."""
     from harness.cell import run_cell
@@ -208,8 +210,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     ap.add_argument("--merged", action="store_true", help="patches merged into a kept token count as kept")
     ap.add_argument("--fit", default="bins", choices=FITS, help="f(coverage): a step per bin, or a line")
-    ap.add_argument("--point", default="last", choices=POINTS,
-                    help="read coverage at the last pruning point that keeps tokens, or the one nearest the budget")
+    ap.add_argument("--point", default="budget", choices=POINTS,
+                    help="read coverage at the pruning point nearest the budget, or the last one that keeps tokens")
     ap.add_argument("--model", default=None, help="run the cells here on this model directory (no MLflow)")
     ap.add_argument("--samples", type=int, default=150, help="with --model: short-answer samples per method")
     ap.add_argument("--methods", nargs="+", default=list(NO_TWIG_METHODS),
