@@ -160,6 +160,19 @@ def test_train_twig_learns_only_the_twig_and_resumes(tiny_llava_dir, tmp_path, d
                      "--out", str(out)])
     again = load_twig(out, adapter.model)
     assert torch.equal(again.layers[0].mlp.up_proj.weight, trained.layers[0].mlp.up_proj.weight)
+    # a checkpoint of another backbone (the model retrained since) is set aside, not resumed
+    saved = torch.load(out / "ckpt.pt", weights_only=False)
+    assert saved["backbone"] == train_twig.fingerprint(adapter.model)
+    torch.save({**saved, "backbone": "another"}, out / "ckpt.pt")
+    train_twig.main(["--model", tiny_llava_dir, "--K", "1", "--T", "2", "--steps", "2", "--batch", "2",
+                     "--lr", "1e-2", "--out", str(out)])
+    assert (out / "ckpt.pt.stale").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=False)["state"]["step"] == 2  # trained again from 0
+    weight = adapter.model.model.language_model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():  # a sampled value (every tensor's first, then evenly strided) changed
+        weight[0, 0] += 1
+        assert train_twig.fingerprint(adapter.model) != saved["backbone"]
+        weight[0, 0] -= 1
 
     records = []
     for i in range(2):

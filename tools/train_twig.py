@@ -13,11 +13,14 @@ no distillation loss, as in TwigVLM.
         --batch 16 --grad-accum 8 --out twigs/llava-1.5-7b-K2-T3
 
 Resumable: a checkpoint is written to <out>/ckpt.pt every --ckpt-every steps; rerun the same
-command after an interruption. The finished twig is <out>/twig.safetensors + twig.json.
+command after an interruption. A checkpoint of another backbone (the model was retrained since)
+is set aside as ckpt.pt.stale and training starts over. The finished twig is
+<out>/twig.safetensors + twig.json.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -119,6 +122,17 @@ def llava_json_batches(adapter, path: str, image_root: str, batch: int, seed: in
 
 # ------------------------------------------------------------------------------ main
 
+def fingerprint(model: torch.nn.Module, per_tensor: int = 4096) -> str:
+    """A short hash of a model's weights (up to `per_tensor` evenly strided values of every tensor):
+    the same weights give the same string on any machine, retrained ones another."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().flatten()
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // per_tensor)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -162,6 +176,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "ckpt.pt"
     state = {"step": 0, "seconds": 0.0, "log": []}
+    backbone = fingerprint(adapter.model)
+    if ckpt.exists() and torch.load(ckpt, weights_only=False).get("backbone") != backbone:
+        os.replace(ckpt, out / "ckpt.pt.stale")
+        print(f"{ckpt} was trained on another backbone: set aside as ckpt.pt.stale, starting over", flush=True)
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         twig.load_state_dict(saved["twig"])
@@ -197,7 +215,7 @@ def main(argv=None):
             print(json.dumps(rec), flush=True)
         if state["step"] % args.ckpt_every == 0 or state["step"] == steps:
             tmp = out / "ckpt.pt.tmp"
-            torch.save({"twig": twig.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
+            torch.save({"twig": twig.state_dict(), "opt": opt.state_dict(), "state": state, "backbone": backbone}, tmp)
             os.replace(tmp, ckpt)
     twig.eval()
     save_twig(twig.to(adapter.model.dtype), out, {
