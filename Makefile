@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: help setup test test-fast sweep sweep-full report ui bench bench-compare bench-baseline bench-decode shape-check ablation train-embedded train-neutral train-twig clean
+.PHONY: help setup test test-fast sweep sweep-full report ui bench bench-compare bench-baseline bench-decode shape-check ablation train-embedded train-twig clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -72,21 +72,23 @@ ablation: $(STAMP) $(foreach t,$(ABLATION_TWIGS),build/twigs/$(t)/twig.safetenso
 
 # ablation twigs train 600 steps each (~4-10 min on 2 cores), the default twig 1500: the ablation
 # compares its variants with K1-T2-copy, trained the same way as they are
-build/twigs/%/twig.safetensors: | $(STAMP)
+build/twigs/%/twig.safetensors: harness/models/embedded/llava-tiny-shapes/model.safetensors | $(STAMP)
 	$(BIN)/python -m tools.train_twig --model embedded --lr 5e-4 --steps 600 --out build/twigs/$* \
 		--K $(subst K,,$(word 1,$(subst -, ,$*))) --T $(subst T,,$(word 2,$(subst -, ,$*))) \
 		--init $(word 3,$(subst -, ,$*))
 
-train-neutral: $(STAMP)  ## issue 11's recipe (no token dropout; position gaps, CLS objective, grounding; resumable)
-	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/neutral-embedded
-	@echo "evaluate and install: $(BIN)/python -m tools.publish_embedded build/neutral-embedded/final"
+train-embedded: build/embedded-4/final/model.safetensors  ## retrain the embedded model: the four stages of its card (~5 h on 2 cores; rerun to resume)
+	@echo "evaluate and install: $(BIN)/python -m tools.publish_embedded build/embedded-4/final"
 
-train-embedded: $(STAMP)  ## retrain the embedded model, both stages (resumable; ~3 h on 2 cores)
-	$(BIN)/python -m tools.train_embedded --out build/train-embedded
-	$(BIN)/python -m tools.train_embedded --out build/finetune-embedded \
-		--init-from build/train-embedded/final --steps 1500 --lr 5e-4 --warmup 100 --drop-from 0 \
-		--object-drop 0.5 --type-weights count=2,exist=2,position=2 --turn-mean --seed 1
-	@echo "evaluate and install: $(BIN)/python -m tools.publish_embedded build/finetune-embedded/final"
+# each stage writes final/ only when it ends; an interrupted one resumes from its ckpt.pt
+build/embedded-1/final/model.safetensors: | $(STAMP)
+	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/embedded-1 --tower-layers 8 --proj-aux-weight 0.3 --object-weight 1.0 --where-weight 0.3 --where-balance --canvas-sides 72,88,104,120 --text-only 0.05 --stop-step 1601
+build/embedded-2/final/model.safetensors: build/embedded-1/final/model.safetensors
+	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/embedded-2 --init-from build/embedded-1/final --steps 2000 --lr 0.0008 --seed 111 --carry-heads --warmup 30 --turn-mean-from 300 --proj-aux-weight 0.3 --object-weight 1.0 --where-weight 0.3 --where-balance --canvas-sides 40,48,56,64,72,88,104,120 --text-only 0.05
+build/embedded-3/final/model.safetensors: build/embedded-2/final/model.safetensors
+	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/embedded-3 --init-from build/embedded-2/final --steps 1500 --lr 0.0003 --seed 121 --carry-heads --warmup 30 --turn-mean-from 0 --proj-aux-weight 0.3 --object-weight 1.0 --where-weight 0.3 --where-balance --canvas-sides 40,48,56,64,72,88,104,120 --text-only 0.05 --stop-step 251
+build/embedded-4/final/model.safetensors: build/embedded-3/final/model.safetensors
+	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/embedded-4 --init-from build/embedded-3/final --steps 1500 --lr 0.0004 --seed 131 --carry-heads --warmup 30 --type-weights attribute=3,count=2,describe=2 --turn-mean-from 0 --proj-aux-weight 0.3 --object-weight 1.0 --where-weight 0.3 --where-balance --canvas-sides 40,48,56,64,72,88,104,120 --text-only 0.05
 
 clean:  ## remove outputs (keeps .venv and mlflow.db)
 	rm -rf build reports/out .pytest_cache
