@@ -29,12 +29,13 @@ def test_weights_are_small_safetensors_and_load_offline_with_stock_classes():
     assert model.config.text_config.num_hidden_layers == 16
 
 
-# The targets of the model card: >= 85 % on every short-answer type and description F1 >= 0.85.
-# The committed model meets them for attribute, text and describe; count, exist and position are
-# still below (see its card). Those cases are strict xfails: a retrained model that meets them
-# turns them into failures here until this list is updated.
-TARGET = 0.85
-BELOW_TARGET = {"count", "exist", "position"}
+# The targets (issue 11): >= 85 % on every short-answer type and description F1 >= 0.9. The
+# committed model meets them for count, exist, position and text; attribute (79 % on the card's
+# samples: an object named by its place alone is often misread) and describe (0.86 there) are
+# below. Those cases are strict xfails: a retrained model that meets them turns them into failures
+# here until this list is updated.
+TARGET = {"describe": 0.9}  # 0.85 for the others
+BELOW_TARGET = {"attribute", "describe"}
 PER_TYPE = 30
 
 
@@ -64,16 +65,16 @@ def accuracy(device):
     if t in BELOW_TARGET else t for t in syn.QUESTION_TYPES])
 def test_accuracy_meets_the_target(accuracy, qtype):
     mean, floor = accuracy
-    assert mean["baseline"][qtype] >= TARGET and mean["baseline"][qtype] >= floor[qtype] + 0.3, mean
+    target = TARGET.get(qtype, 0.85)
+    assert mean["baseline"][qtype] >= target and mean["baseline"][qtype] >= floor[qtype] + 0.3, mean
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", [t for t in syn.QUESTION_TYPES if t not in BELOW_TARGET])
+@pytest.mark.parametrize("qtype", syn.QUESTION_TYPES)
 def test_without_visual_tokens_answers_fall_to_the_prior(accuracy, qtype):
-    """Where the answers come from the image, blind answers sit near the majority answer
-    (attribute questions keep some prior from their wording). Count, exist and position are left
-    out: the model answers them near its question-conditioned prior even with the image (blind
-    count beats the unconditional majority by learning e.g. that a colour is usually absent)."""
+    """The answers come from the image: with every visual token removed they sit near the
+    majority answer (attribute questions keep some prior from their wording) and far below the
+    model's answers with the image."""
     mean, floor = accuracy
     assert mean["blind"][qtype] <= floor[qtype] + 0.25, mean
     assert mean["blind"][qtype] <= mean["baseline"][qtype] - 0.5, mean
@@ -83,9 +84,11 @@ def test_without_visual_tokens_answers_fall_to_the_prior(accuracy, qtype):
 def test_the_benchmark_tells_good_token_selection_from_bad(accuracy):
     """At 88.9 % pruning (16 of 144 tokens before the LLM) the oracle, which keeps the patches of
     the objects the question is about, stays close to the unpruned model; random selection of as
-    many tokens falls clearly below it."""
+    many tokens falls clearly below it. Short answers only: a description needs every object, and
+    every description sample here has more object patches than 16 (18 to 64, 37 on average), so its
+    F1 under any 16-token selection measures the budget, not the selection."""
     mean, _ = accuracy
-    overall = {k: statistics.fmean(v.values()) for k, v in mean.items()}
+    overall = {k: statistics.fmean(v[t] for t in SHORT_TYPES) for k, v in mean.items()}
     assert overall["oracle"] >= overall["baseline"] - 0.08, overall
     assert overall["random"] <= overall["baseline"] - 0.10, overall
     assert overall["oracle"] - overall["random"] >= 0.10, overall

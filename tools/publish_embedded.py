@@ -168,8 +168,8 @@ def card(result: dict, stages: list[dict], per_type: int, vocab_size, candidate:
     role = ("A candidate for the harness's embedded default (not used unless a model entry names this\n"
             "directory as its path), in training" if candidate else "It is the harness's embedded default")
     legacy = all(st["args"].get("recipe", "legacy") == "legacy" for st in stages)
-    how = ("`make train-embedded` runs these in order; each resumes after an interruption" if legacy else
-           "each stage resumes after an interruption: rerun its command")
+    how = ("`make train-embedded` runs these in order; each resumes after an interruption" if legacy or not candidate
+           else "each stage resumes after an interruption: rerun its command")
     return f"""# llava-tiny-shapes
 
 A {millions} M-parameter LLaVA-1.5 (transformers `LlavaForConditionalGeneration`) trained from scratch on
@@ -179,7 +179,7 @@ the same code path as a 7B checkpoint, small enough for a laptop CPU.
 - Vision: CLIP ViT, 96 px images, 8 px patches (144 visual tokens + CLS), {tower_layers} layers x 128 wide,
   features from layer -2, CLS dropped ("default"), two-layer GELU projector.
 - Language: Llama, 16 layers x 128 wide, 4 heads (2 KV heads, GQA), MLP 384, word-level vocabulary
-  of {vocab_size} words, LLaVA-1.5 prompt `USER: <image>\n<question> ASSISTANT:`.
+  of {vocab_size} words, LLaVA-1.5 prompt `USER: <image>\\n<question> ASSISTANT:`.
 - Weights: float16 safetensors; load with `LlavaForConditionalGeneration.from_pretrained(dir)` and
   `AutoProcessor.from_pretrained(dir)`, offline.
 

@@ -558,7 +558,7 @@ RECIPES = {
     "legacy": {},
     # issue 11: no token dropout of any kind; position gaps, the CLS objective and grounding instead
     # (grounding at layer 2, answers token-weighted for the first 1500 full steps: the runs behind the
-    # candidate in harness/models/embedded/candidates/; read at layer 8, the grounding loss stalled near 2.55)
+    # first stage of the embedded model; read at layer 8, the grounding loss stalled near 2.55)
     "neutral": dict(steps=4000, drop_from=None, object_drop=0.0, turn_mean=True, turn_mean_from=1500, pos_gaps=0.5,
                     cls_weight=0.5, ground_weight=1.0, ground_layer=2,
                     type_weights={"count": 2.0, "exist": 2.0, "position": 2.0}),
