@@ -177,11 +177,12 @@ def main(argv=None):
     ckpt = out / "ckpt.pt"
     state = {"step": 0, "seconds": 0.0, "log": []}
     backbone = fingerprint(adapter.model)
-    if ckpt.exists() and torch.load(ckpt, weights_only=False).get("backbone") != backbone:
+    saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if saved is not None and saved.get("backbone") != backbone:
         os.replace(ckpt, out / "ckpt.pt.stale")
         print(f"{ckpt} was trained on another backbone: set aside as ckpt.pt.stale, starting over", flush=True)
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = None
+    if saved is not None:
         twig.load_state_dict(saved["twig"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
