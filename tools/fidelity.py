@@ -114,15 +114,17 @@ def fit(n_methods: int, cov: np.ndarray, score: np.ndarray, which: np.ndarray, h
     return beta[:n_methods] - beta[:n_methods].mean()
 
 
-def effects(rows: list[tuple[int, float, float]], n_methods: int, seed: int = 0, how: str = "bins"):
+def effects(rows: list[tuple[int, float, float]], n_methods: int, seed: int = 0, how: str = "bins",
+            names: list[str] | None = None):
     """(point, low, high): each method's effect at equal coverage (fit) with a 95 % bootstrap
     interval over samples (resampled within each method), from rows of (method, coverage, score)."""
     which = np.array([m for m, _, _ in rows])
     cov = np.array([v for _, v, _ in rows])
     score = np.array([s for _, _, s in rows])
     if how == "bins" and len(groups := linked(n_methods, cov, which)) > 1:
-        raise ValueError(f"methods in groups {groups} share no coverage bin: their effects at equal coverage "
-                         "are not defined (more samples, or --fit linear)")
+        named = " | ".join(", ".join(str(names[m]) if names else str(m) for m in g) for g in groups)
+        raise ValueError(f"no coverage bin links these groups of methods: {named}; their effects at equal "
+                         "coverage are not defined (more samples, or --fit linear)")
     point = fit(n_methods, cov, score, which, how)
     rng = np.random.default_rng(seed)
     draws = []
@@ -138,11 +140,10 @@ def table(methods: list[str], rows, title: str, how: str = "bins") -> str:
     which = np.array([m for m, _, _ in rows])
     cov = np.array([v for _, v, _ in rows])
     score = np.array([s for _, _, s in rows])
-    if how == "bins" and len(groups := linked(len(methods), cov, which)) > 1:
-        named = " | ".join(", ".join(methods[m] for m in g) for g in groups)
-        raise SystemExit(f"{title}: no coverage bin links these groups of methods: {named}; their effects at "
-                         "equal coverage are not defined (more samples, or --fit linear)")
-    point, lo, hi = effects(rows, len(methods), how=how)
+    try:
+        point, lo, hi = effects(rows, len(methods), how=how, names=methods)
+    except ValueError as e:
+        raise SystemExit(f"{title}: {e}") from None
     other = "linear" if how == "bins" else "bins"
     alt = fit(len(methods), cov, score, which, other)
     shape = "a step per coverage bin" if how == "bins" else "slope * coverage"
