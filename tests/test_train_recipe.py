@@ -174,7 +174,8 @@ def test_stop_step_ends_a_run_early_with_a_final_model_and_its_record(tmp_path):
 def test_a_recorded_run_renders_as_a_command_that_repeats_it():
     argv = ["--recipe", "neutral", "--out", "x", "--steps", "2600", "--lr", "5e-4", "--pos-gaps", "0",
             "--type-weights", "count=3,exist=2", "--max-turns", "1", "--device", "cuda", "--threads", "7",
-            "--init-from", "somewhere/final", "--canvas-sides", "72,96,120"]
+            "--init-from", "somewhere/final", "--canvas-sides", "72,96,120", "--attribute-forms", "shape-at=3,size=0.5",
+            "--precision", "fp32"]
     recorded = vars(te.parse_args(argv))
     cmd = te.command(recorded, "build/embedded-2", "build/embedded-1/final", stopped_at=900)
     words = cmd.split()
@@ -432,3 +433,23 @@ def test_where_balance_weighs_object_patches_as_much_as_the_background():
 
     args = vars(te.parse_args(["--recipe", "neutral", "--where-weight", "0.3", "--where-balance"]))
     assert "half each" in pe.stage_text({"args": args, "steps": 1, "planned_steps": 1, "minutes": 0.1}, 1)
+
+
+def test_attribute_forms_skew_the_training_mix_and_leave_the_splits_alone():
+    forms = {"color-at": "what color is the", "shape-of-color-at": "object at the", "size": "what size is",
+             "shape-at": "what shape is at the"}
+    only = {f: 0.0 for f in syn.ATTRIBUTE_FORMS}
+    for form, words in forms.items():
+        questions = [q for i in range(40) for q, _ in
+                     syn.make_conversation(i, type_weights={"attribute": 1.0, **{t: 0.0 for t in syn.QUESTION_TYPES
+                                                                               if t != "attribute"}},
+                                           attribute_forms={**only, form: 1.0})[1]]
+        assert questions and all(words in q for q in questions), form
+    uniform = [syn.make_conversation(i)[1] for i in range(20)]
+    assert [syn.make_conversation(i, attribute_forms=None)[1] for i in range(20)] == uniform
+    # the test split draws its forms uniformly: all four appear, none of them dominates
+    drawn = [syn.make_sample("test", i, "attribute").question for i in range(200)]
+    counts = [sum(words in q for q in drawn) for words in forms.values()]
+    assert min(counts) >= 30, counts
+    with pytest.raises(SystemExit):
+        te.parse_args(["--recipe", "neutral", "--attribute-forms", "shape-at-the=2"])

@@ -90,11 +90,12 @@ def neutral_text(stage: dict, i: int) -> str:
     planned = stage.get("planned_steps", stage["steps"])
     cmd = train_embedded.command(a, out, init, stage["steps"] if stage["steps"] < planned else None)
     weights = ", ".join(f"{k} x{v:g}" for k, v in (a.get("type_weights") or {}).items())
+    precision = "fp32" if a.get("precision") == "fp32" else "bf16 autocast"
     what = ("continuing the stage above" + (", its training-only heads too" if a.get("carry_heads") else "")
             if init else "from scratch" + ("" if a.get("language_stage") else f" ({a['vision_steps']} vision-only steps first)"))
     if a.get("language_stage"):
         return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps, batch {a['batch']}, lr {a['lr']:g}, AdamW, "
-                f"warm-up then cosine, bf16 autocast, {stage['minutes']} minutes on {where(stage)}; {what}; a language "
+                f"warm-up then cosine, {precision}, {stage['minutes']} minutes on {where(stage)}; {what}; a language "
                 f"stage: the decoder alone, every conversation reading its scene as words where the image would be "
                 f"(its description), the tower and projector neither run nor changed"
                 + ("; next-token loss on every token, as a language model is pretrained" if a.get("all_tokens") else
@@ -106,10 +107,14 @@ def neutral_text(stage: dict, i: int) -> str:
     what += (f"; {100 * a['textures']:g} % of the images on textured backgrounds" if a.get("textures") else "")
     what += (f"; the sink prior: every head from decoder layer {a['sink_layer']} on keeps at least "
              f"{a['sink_floor']:g} of each query's attention on <s>, x {a['sink_weight']:g}" if a.get("sink_weight") else "")
-    what += (f"; no token dropout; position-id gaps in {100 * a['pos_gaps']:.0f} % of conversations, "
-             f"the CLIP-like CLS objective x {a['cls_weight']:g}, grounding at decoder layer {a['ground_layer']} "
-             f"x {a['ground_weight']:g}; questions per conversation up to {a.get('max_turns', 4)}"
+    forms = ", ".join(f"{k} x{v:g}" for k, v in (a.get("attribute_forms") or {}).items())
+    tower_learns = "tower" not in (a.get("freeze") or [])
+    what += (f"; no token dropout; position-id gaps in {100 * a['pos_gaps']:.0f} % of conversations"
+             + (f", the CLIP-like CLS objective x {a['cls_weight']:g}" if a["cls_weight"] and tower_learns else "")
+             + (f", grounding at decoder layer {a['ground_layer']} x {a['ground_weight']:g}" if a["ground_weight"] else "")
+             + f"; questions per conversation up to {a.get('max_turns', 4)}"
              + (f"; question mix {weights} (others x1)" if weights else "")
+             + (f"; attribute forms {forms} (others x1)" if forms else "")
              + (f"; every answer turn weighs the same from full step {a.get('turn_mean_from', 0)}"
                 if a.get("turn_mean") and a.get("turn_mean_from", 0) < a["steps"] else "; every answer token weighs the same")
              + (f"; each batch's canvas width and height drawn from {', '.join(map(str, a['canvas_sides']))} px "
@@ -127,7 +132,7 @@ def neutral_text(stage: dict, i: int) -> str:
     why = "by --stop-step" if a.get("stop_step") else "by a time budget"
     stop = f" (stopped {why}; {planned} planned)" if stage["steps"] < planned else ""
     return (f"{i}. `{cmd}`\n\n   Seed {a['seed']}, {stage['steps']} steps{stop}, batch {a['batch']}, lr {a['lr']:g}, "
-            f"AdamW, warm-up then cosine, bf16 autocast, {stage['minutes']} minutes on {where(stage)}; {what}.\n")
+            f"AdamW, warm-up then cosine, {precision}, {stage['minutes']} minutes on {where(stage)}; {what}.\n")
 
 
 def stage_text(stage: dict, i: int) -> str:

@@ -336,7 +336,7 @@ def canvas_of(step: int, seed: int, sides) -> tuple[int, int]:
 def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop: bool = False,
              object_drop: float = 0.0, type_weights=None, turn_mean: bool = False, max_turns: int = 4,
              size: tuple[int, int] = (syn.IMAGE_SIZE, syn.IMAGE_SIZE), text_only: float = 0.0,
-             text_scenes: float = 0.0, all_tokens: bool = False, textures: float = 0.0):
+             text_scenes: float = 0.0, all_tokens: bool = False, textures: float = 0.0, attribute_forms=None):
     """One training batch, every image on a `size` canvas (width, height). With `drop`, rows lose
     visual tokens (see visual_dropout); of the rows that do, a fraction `object_drop` instead keeps
     an oracle-like subset around the first question's objects (object_keep) and is cut to that one
@@ -346,13 +346,15 @@ def batch_of(step: int, batch: int, tok, image_token_id: int, seed: int, *, drop
     fraction `text_scenes` reads its scene as words (syn.describe) where the image would be: a
     language model's reading comprehension, no image either (patch["text_only"] marks them too).
     `all_tokens`: every token is a label (encode_turns). A fraction `textures` of the images (drawn
-    per row) has a textured background (syn.textured_background) under the same objects."""
+    per row) has a textured background (syn.textured_background) under the same objects.
+    `attribute_forms` skews the forms of the attribute questions (syn.ask)."""
     if drop and tuple(size) != (syn.IMAGE_SIZE, syn.IMAGE_SIZE):
         raise ValueError(f"visual dropout needs the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas, got {size}")
     g_tex = torch.Generator().manual_seed(seed * 4_000_037 + step)
     textured = [textures > 0 and float(torch.rand((), generator=g_tex)) < textures for _ in range(batch)]
     convs = [syn.make_conversation(seed * 10_000_000 + step * batch + b, max_turns=max_turns,
-                                   type_weights=type_weights, size=size, texture=textured[b]) for b in range(batch)]
+                                   type_weights=type_weights, size=size, texture=textured[b],
+                                   attribute_forms=attribute_forms) for b in range(batch)]
     n_image = (size[0] // syn.PATCH) * (size[1] // syn.PATCH)
     g_text = torch.Generator().manual_seed(seed * 5_000_011 + step)
     blind = [text_only > 0 and float(torch.rand((), generator=g_text)) < text_only for _ in range(batch)]
@@ -539,13 +541,13 @@ def part_parameters(model, part: str) -> list:
     return list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
 
 
-def parse_weights(text: str) -> dict[str, float]:
+def parse_weights(text: str, names=syn.QUESTION_TYPES, what: str = "question type") -> dict[str, float]:
+    """'count=2,exist=0.5' -> {'count': 2.0, 'exist': 0.5}, every name one of `names`."""
     out = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name not in syn.QUESTION_TYPES:
-            raise argparse.ArgumentTypeError(
-                f"unknown question type {name!r}; allowed: {', '.join(syn.QUESTION_TYPES)}")
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; allowed: {', '.join(names)}")
         try:
             out[name] = float(value)
         except ValueError:
@@ -610,6 +612,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=300, help="full-stage warm-up steps")
     ap.add_argument("--type-weights", default=None, type=parse_weights,
                     help="question-type mix, e.g. count=2,exist=2 (others 1); default uniform")
+    ap.add_argument("--attribute-forms", default=None,
+                    type=lambda v: parse_weights(v, syn.ATTRIBUTE_FORMS, "attribute form"),
+                    help="mix of the attribute questions' forms, e.g. shape-at=3,size=0.3 (others 1; "
+                         f"forms: {', '.join(syn.ATTRIBUTE_FORMS)}); default uniform, as the test split")
     ap.add_argument("--turn-mean", action="store_true",
                     help="every answer turn weighs the same in the loss (default: every token)")
     ap.add_argument("--turn-mean-from", type=int, default=0,
@@ -676,6 +682,9 @@ def parser() -> argparse.ArgumentParser:
                     help="stop after this global step, the schedule still planned for the full run "
                          "(replays a run that --max-minutes stopped: its training.json gives the step)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="bf16 autocast, or fp32 throughout (for a CPU without bf16 matrix units: there, "
+                         "bf16 runs several times slower than fp32)")
     ap.add_argument("--workers", type=int, default=None,
                     help="DataLoader workers making batches (default: 0 on CPU, 6 on a GPU)")
     return ap
@@ -839,7 +848,8 @@ def main(argv=None):
                         max_turns=args.max_turns, size=canvas_of(step, args.seed, args.canvas_sides),
                         text_only=0.0 if vision_only else args.text_only,
                         text_scenes=0.0 if vision_only else 1.0 if args.language_stage else args.text_scenes,
-                        all_tokens=args.all_tokens, textures=0.0 if args.language_stage else args.textures)
+                        all_tokens=args.all_tokens, textures=0.0 if args.language_stage else args.textures,
+                        attribute_forms=args.attribute_forms)
 
     batches = torch.utils.data.DataLoader(Batches(state["step"], total, make), batch_size=None,
                                           num_workers=workers, prefetch_factor=4 if workers else None)
@@ -857,7 +867,7 @@ def main(argv=None):
         keep = keep.to(device) if keep is not None else None
         positions = positions.to(device) if positions is not None else None
         gl = cl = pl = al = wl = sl = aux_loss = torch.zeros((), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             if args.language_stage:  # no image anywhere: the decoder alone
                 lm = lm_loss(model, None, ids, labels, weights, mask, attentions=bool(args.sink_weight))
                 if args.sink_weight:

@@ -156,6 +156,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="on CPU, the twig's pass under bf16 autocast or in fp32 (a CPU without bf16 matrix "
+                         "units runs bf16 several times slower); on a GPU, --dtype decides")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -199,7 +202,7 @@ def main(argv=None):
         for _ in range(args.grad_accum):
             pv, ids, labels, mask = next(batches)
             hidden, pos, pe, m = shallow(adapter, ids, pv, mask, args.K)
-            with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=adapter.device.type == "cpu"):
+            with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=adapter.device.type == "cpu" and args.precision == "bf16"):
                 loss = twig_loss(twig, hidden.float(), pos, tuple(x.float() for x in pe), m.float(), labels)
             (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum
@@ -221,7 +224,7 @@ def main(argv=None):
     twig.eval()
     save_twig(twig.to(adapter.model.dtype), out, {
         "init": args.init, "model": args.model, "data": args.data, "steps": steps, "batch": args.batch,
-        "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed,
+        "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed, "precision": args.precision,
         "minutes": round(state["seconds"] / 60, 1), "log": state["log"]})
     print(f"wrote {out / 'twig.safetensors'}", flush=True)
 

@@ -38,6 +38,8 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("attribute", "count", "exist", "position", "text", "describe")
+# the four forms of an attribute question, in the order ask() draws them
+ATTRIBUTE_FORMS = ("color-at", "shape-of-color-at", "size", "shape-at")
 SPLITS = ("train", "val", "test")
 
 # Per-patch label vocabularies (training-only auxiliary targets; index 0 = background).
@@ -229,14 +231,18 @@ def describe(objects: list[SceneObject]) -> str:
     return " ; ".join(o.phrase() for o in objects)
 
 
-def ask(qtype: str, objects: list[SceneObject], rng: random.Random) -> tuple[str, str, list[int]]:
-    """One question of the given type about the scene: (question, answer, relevant objects)."""
+def ask(qtype: str, objects: list[SceneObject], rng: random.Random,
+        attribute_forms: dict[str, float] | None = None) -> tuple[str, str, list[int]]:
+    """One question of the given type about the scene: (question, answer, relevant objects).
+    `attribute_forms` (ATTRIBUTE_FORMS name -> relative frequency, 1 when not named; training
+    only) skews the mix of attribute forms; None draws them uniformly, as every split does."""
     shapes = [i for i, o in enumerate(objects) if o.kind == "shape"]
     letter = next(i for i, o in enumerate(objects) if o.kind == "letter")
     if qtype == "attribute":
         i = rng.choice(shapes)
         o = objects[i]
-        form = rng.randrange(4)
+        form = rng.randrange(4) if attribute_forms is None else \
+            rng.choices(range(4), [attribute_forms.get(f, 1.0) for f in ATTRIBUTE_FORMS])[0]
         if form == 0:
             return f"what color is the {o.shape} at the {o.position} ?", o.color, [i]
         if form == 1:
@@ -295,8 +301,8 @@ def short_answer_samples(split: str, start: int, n: int) -> list[Sample]:
 
 
 def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, float] | None = None,
-                      size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE), texture: bool = False
-                      ) -> tuple[Image.Image, list[tuple[str, str]], list[SceneObject], list[list[int]]]:
+                      size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE), texture: bool = False,
+                      attribute_forms: dict[str, float] | None = None) -> tuple[Image.Image, list[tuple[str, str]], list[SceneObject], list[list[int]]]:
     """A training conversation: one scene, several independent questions (for training only).
 
     Returns the image, the (question, answer) turns, the objects and, per turn, the indices of the
@@ -304,6 +310,7 @@ def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, fl
     named) skews the mix of question types; None draws them uniformly. `size` is the canvas
     (render_scene); the objects' patch_pixels then hold (width/8) x (height/8) patches. `texture`
     paints a textured background (textured_background) under the same objects and questions.
+    `attribute_forms` skews the attribute questions' forms (ask).
     """
     rng = random.Random(f"train-conv-{index}")
     image, objects = render_scene(rng, size, texture_seed=index if texture else None)
@@ -311,7 +318,7 @@ def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, fl
     turns, relevant = [], []
     for _ in range(rng.randint(1, max_turns)):
         qtype = rng.choice(QUESTION_TYPES) if weights is None else rng.choices(QUESTION_TYPES, weights)[0]
-        q, a, hits = ask(qtype, objects, rng)
+        q, a, hits = ask(qtype, objects, rng, attribute_forms)
         turns.append((q, a))
         relevant.append(hits)
     return image, turns, objects, relevant
