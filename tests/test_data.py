@@ -116,3 +116,21 @@ def test_question_forms_tool_splits_types_by_how_the_question_names_its_object(t
     question_forms.main(["--model", tiny_llava_dir, "--split", "val", "--start", "0", "--samples", "6"])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and all("accuracy" in line for line in out)  # 6 samples, describe and text left out
+
+
+def test_question_forms_scores_a_descriptions_objects_by_whether_their_colour_is_shared():
+    from tools import question_forms
+
+    s = next(s for s in (syn.make_sample("test", i, "describe") for i in range(600, 700))
+             if len({o.color for o in s.objects if o.kind == "shape"}) < sum(o.kind == "shape" for o in s.objects))
+    shapes = [o for o in s.objects if o.kind == "shape"]
+    shared = {id(o) for o in shapes if sum(p.color == o.color for p in shapes) > 1}
+    assert shared
+    full = question_forms.describe_objects(s, s.answer)
+    assert len(full) == len(shapes) and all(ok for _, ok in full)
+    assert [f.endswith("shares") for f, _ in full] == [id(o) in shared for o in shapes]
+    # one object's shape wrong: that object alone is missed
+    wrong = shapes[0]
+    other = next(x for x in syn.SHAPES if x != wrong.shape)
+    text = s.answer.replace(wrong.phrase(), wrong.phrase().replace(wrong.shape, other))
+    assert [ok for _, ok in question_forms.describe_objects(s, text)] == [o is not wrong for o in shapes]

@@ -107,3 +107,24 @@ def test_depth_keeps_the_same_tokens_after_each_layer(tiny_llava_dir, capsys):
     de.main(["depth", "--model", tiny_llava_dir, "--samples", "3"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 7 and lines[2].startswith("baseline")  # K = 0, 1, 2 on 4 layers: 1 + 3 x 2 rows
+
+
+def test_lookup_under_uniform_attention_gives_each_object_its_share_of_the_image(tiny_llava_dir, capsys):
+    model, processor = de.load(tiny_llava_dir, "eager")
+    with torch.no_grad():  # every query the zero vector: each query attends uniformly to the tokens before it
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+            if layer.self_attn.q_proj.bias is not None:
+                layer.self_attn.q_proj.bias.zero_()
+    table, chance = de.lookup(model, processor, 3)
+    assert set(table) == set(de.LOOKUP_FORMS) == set(chance)
+    for form, row in table.items():
+        assert row.shape == (model.config.text_config.num_hidden_layers,)
+        assert np.allclose(row, chance[form], atol=1e-5), form
+        assert 0 < chance[form] < 0.25
+    # with its own (random) queries the shares move off uniform: the table reads the attention
+    model, processor = de.load(tiny_llava_dir, "eager")
+    table, same = de.lookup(model, processor, 3)
+    assert same == chance and not np.allclose(table["place"], chance["place"], atol=1e-3)
+    de.main(["lookup", "--model", tiny_llava_dir, "--samples", "2"])
+    assert len(capsys.readouterr().out.splitlines()) == 2 + len(de.LOOKUP_FORMS)

@@ -2,10 +2,13 @@
 answers by reading the thing at a named position, or by finding the thing a question describes.
 
     python -m tools.question_forms [--model embedded] [--start 600] [--samples 420] [--method baseline]
-                                   [--budget 16] [--setting K=1 ...]
+                                   [--budget 16] [--setting K=1 ...] [--describe]
 
 Prints, per form, the sample count, the accuracy and the most frequent answers (greedy decoding).
 Samples start-(start + samples - 1) of the split; describe and text questions are left out.
+`--describe` adds the descriptions among them, scored per shape object (is its whole phrase in the
+description?) and split by whether another object of the scene has its colour: a model that finds
+objects by colour and not by place names the wrong shape where the colour is shared.
 """
 from __future__ import annotations
 
@@ -40,6 +43,15 @@ def question_form(s) -> str:
     return s.qtype
 
 
+def describe_objects(s, text: str) -> list[tuple[str, bool]]:
+    """(form, named exactly) for each shape object of a description sample: the form says whether
+    another shape of the scene has its colour."""
+    said = {syn.normalize(t) for t in text.split(";")}
+    shapes = [o for o in s.objects if o.kind == "shape"]
+    return [("describe: an object whose colour another shares" if any(p.color == o.color for p in shapes if p is not o)
+             else "describe: an object with a colour of its own", syn.normalize(o.phrase()) in said) for o in shapes]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
@@ -49,6 +61,7 @@ def main(argv=None) -> None:
     ap.add_argument("--method", default="baseline")
     ap.add_argument("--budget", type=float, default=None, help="tokens (>= 1) or pruning ratio (< 1)")
     ap.add_argument("--setting", action="append", default=[], help="a method setting, NAME=INT (repeatable)")
+    ap.add_argument("--describe", action="store_true", help="score the descriptions' objects too (64 new tokens each)")
     a = ap.parse_args(argv)
     adapter = load_model(a.model)
     budget = None if a.budget is None else (int(a.budget) if a.budget >= 1 else a.budget)
@@ -59,16 +72,22 @@ def main(argv=None) -> None:
     with torch.no_grad():
         for i in range(a.start, a.start + a.samples):
             s = syn.make_sample(a.split, i)
-            if s.qtype in ("describe", "text"):
+            if s.qtype == "text" or (s.qtype == "describe" and not a.describe):
                 continue
             x = adapter.inputs(s.image, s.question)
+            if s.qtype == "describe":
+                text = generate(adapter, x["input_ids"], x["pixel_values"], method, 64, sample=s).text
+                for form, ok in describe_objects(s, text):
+                    scores[form].append(ok)
+                continue
             rec = generate(adapter, x["input_ids"], x["pixel_values"], method, 8, sample=s)
             form = question_form(s)
             scores[form].append(syn.score(s.qtype, rec.text, s.answer))
             answers[form][rec.text] += 1
     for form in sorted(scores):
         v = scores[form]
-        print(f"{form:54} n={len(v):3}  accuracy {sum(v) / len(v):.2f}  answers {answers[form].most_common(3)}")
+        print(f"{form:54} n={len(v):3}  accuracy {sum(v) / len(v):.2f}"
+              + (f"  answers {answers[form].most_common(3)}" if answers[form] else ""))
 
 
 if __name__ == "__main__":
