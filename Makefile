@@ -61,7 +61,7 @@ shape-check: $(STAMP)  ## LLaVA-1.5-7B-shaped random model: baseline/FastV/TTP p
 	$(BIN)/python -m tools.shape_check
 
 train-twig: $(STAMP)  ## retrain the embedded model's twig (K=1, T=2; resumable)
-	$(BIN)/python -m tools.train_twig --model embedded --K 1 --T 2 --lr 5e-4 --steps 1500 --out build/twig-K1-T2
+	$(BIN)/python -m tools.train_twig --model embedded --K 1 --T 2 --lr 5e-4 --steps 1500 --out build/twig-K1-T2 --precision fp32
 	mkdir -p harness/models/embedded/twigs/K1-T2
 	cp build/twig-K1-T2/twig.safetensors build/twig-K1-T2/twig.json harness/models/embedded/twigs/K1-T2/
 
@@ -73,7 +73,7 @@ ablation: $(STAMP) $(foreach t,$(ABLATION_TWIGS),build/twigs/$(t)/twig.safetenso
 # ablation twigs train 600 steps each (~4-10 min on 2 cores), the default twig 1500: the ablation
 # compares its variants with K1-T2-copy, trained the same way as they are
 build/twigs/%/twig.safetensors: harness/models/embedded/llava-tiny-shapes/model.safetensors | $(STAMP)
-	$(BIN)/python -m tools.train_twig --model embedded --lr 5e-4 --steps 600 --out build/twigs/$* \
+	$(BIN)/python -m tools.train_twig --model embedded --lr 5e-4 --steps 600 --precision fp32 --out build/twigs/$* \
 		--K $(subst K,,$(word 1,$(subst -, ,$*))) --T $(subst T,,$(word 2,$(subst -, ,$*))) \
 		--init $(word 3,$(subst -, ,$*))
 
