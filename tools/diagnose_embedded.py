@@ -57,9 +57,9 @@ shape), per decoder layer, the share of the last prompt token's image attention 
 question's object, for the head that puts the most there (mean over samples), next to the object's
 share of the image (uniform attention, 0.06-0.08). The current model (25 samples per form) finds
 an object named by colour and shape at 0.98 (layer 3), by colour and place at 0.93 (layer 2), by
-shape and place at 0.90 (layer 5), but one named by its place alone at 0.70 at best (layer 5), though a linear probe reads
-every object patch's cell at 0.96-0.99 all the way through (`probe`): it looks objects up by
-colour and shape, hardly by place. Its wrong answers to "what shape is at the <place> ?" are all
+shape and place at 0.90 (layer 5), but one named by its place alone at 0.70 at best (layer 5),
+though a linear probe reads every object patch's cell at 0.96-0.99 all the way through (`probe`):
+it looks objects up by colour and shape, hardly by place. Its wrong answers to "what shape is at the <place> ?" are all
 another object's shape (45 of 45), and its descriptions name exactly 48 % of the objects whose
 colour another object shares against 93 % of the others (`tools.question_forms --describe`,
 360 samples: 42 and 130 objects; the misses are shapes of other objects at the right place).
@@ -421,8 +421,8 @@ def main(argv=None) -> None:
         table, chance = lookup(model, processor, a.samples)
         print(f"{a.model}: the last prompt token's image attention on the question's object, the most any "
               f"head puts there, mean over {a.samples} attribute questions per form; by layer")
-        print(f"{'object named by':17s} {'uniform':>7s} " + " ".join(f"{i:>4d}" for i in range(len(next(iter(table.values())))))
-              + "  peak")
+        layers = len(next(iter(table.values())))
+        print(f"{'object named by':17s} {'uniform':>7s} " + " ".join(f"{i:>4d}" for i in range(layers)) + "  peak")
         for form, row in table.items():
             print(f"{form:17s} {chance[form]:7.2f} " + " ".join(f"{v:4.2f}" for v in row)
                   + f"  {row.max():.2f} (layer {int(row.argmax())})")

@@ -202,7 +202,8 @@ def main(argv=None):
         for _ in range(args.grad_accum):
             pv, ids, labels, mask = next(batches)
             hidden, pos, pe, m = shallow(adapter, ids, pv, mask, args.K)
-            with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=adapter.device.type == "cpu" and args.precision == "bf16"):
+            cpu_bf16 = adapter.device.type == "cpu" and args.precision == "bf16"
+            with torch.autocast(adapter.device.type, dtype=torch.bfloat16, enabled=cpu_bf16):
                 loss = twig_loss(twig, hidden.float(), pos, tuple(x.float() for x in pe), m.float(), labels)
             (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum

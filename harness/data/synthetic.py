@@ -302,7 +302,8 @@ def short_answer_samples(split: str, start: int, n: int) -> list[Sample]:
 
 def make_conversation(index: int, max_turns: int = 4, type_weights: dict[str, float] | None = None,
                       size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE), texture: bool = False,
-                      attribute_forms: dict[str, float] | None = None) -> tuple[Image.Image, list[tuple[str, str]], list[SceneObject], list[list[int]]]:
+                      attribute_forms: dict[str, float] | None = None
+                      ) -> tuple[Image.Image, list[tuple[str, str]], list[SceneObject], list[list[int]]]:
     """A training conversation: one scene, several independent questions (for training only).
 
     Returns the image, the (question, answer) turns, the objects and, per turn, the indices of the
