@@ -175,7 +175,7 @@ def test_a_recorded_run_renders_as_a_command_that_repeats_it():
     argv = ["--recipe", "neutral", "--out", "x", "--steps", "2600", "--lr", "5e-4", "--pos-gaps", "0",
             "--type-weights", "count=3,exist=2", "--max-turns", "1", "--device", "cuda", "--threads", "7",
             "--init-from", "somewhere/final", "--canvas-sides", "72,96,120", "--attribute-forms", "shape-at=3,size=0.5",
-            "--precision", "fp32"]
+            "--precision", "fp32", "--rope-theta", "1e5"]
     recorded = vars(te.parse_args(argv))
     cmd = te.command(recorded, "build/embedded-2", "build/embedded-1/final", stopped_at=900)
     words = cmd.split()
@@ -213,6 +213,9 @@ def test_publish_history_follows_the_init_from_chain(tmp_path):
     assert "--init-from build/embedded-2/final" in last and "--canvas-sides 72,96" in last
     assert "drawn from 72, 96 px" in last and "object heads at decoder layer 8 x 1" in last
     assert "every answer token weighs the same" in last and "turn weighs" not in last
+    assert "rotary base" not in last
+    chain[2]["args"]["rope_theta"] = 100000.0
+    assert "the decoder's rotary base set to 100000" in pe.stage_text(chain[2], 3)
     assert "5 % of conversations asked with no image" in last and "--text-only 0.05" in last
     assert "every answer turn weighs the same from full step 1500" in pe.stage_text(chain[1], 2)
 
@@ -241,6 +244,14 @@ def test_carry_heads_starts_a_continued_run_with_the_heads_its_source_ended_with
     seen.clear()
     te.main([w if w != str(second) else str(tmp_path / "c") for w in argv])  # default: fresh heads
     assert not torch.equal(seen["w"], ended["object_heads"]["heads.color.weight"])
+    from transformers import AutoConfig
+
+    te.main([w if w != str(second) else str(tmp_path / "e") for w in argv] + ["--rope-theta", "1e5"])
+    theta = {d: AutoConfig.from_pretrained(d / "final").text_config.rope_parameters["rope_theta"]
+             for d in (first, tmp_path / "e")}
+    assert theta == {first: 10000.0, tmp_path / "e": 100000.0}  # a continued stage may change the rotary base
+    with pytest.raises(SystemExit):
+        te.parse_args(common + ["--rope-theta", "1"])
     with pytest.raises(SystemExit):  # nothing to carry from without --init-from
         te.parse_args(common + ["--carry-heads"])
     (first / "ckpt.pt").unlink()

@@ -104,6 +104,7 @@ def neutral_text(stage: dict, i: int) -> str:
     what += (f"; frozen: {', '.join(a['freeze'])}" if a.get("freeze") else "")
     what += (f"; a tower of {a['tower_layers']} layers" if a.get("tower_layers") else "")
     what += (f"; weight decay {a['weight_decay']:g}" if a.get("weight_decay", 0.01) != 0.01 else "")
+    what += (f"; the decoder's rotary base set to {a['rope_theta']:g}" if a.get("rope_theta") else "")
     what += (f"; {100 * a['textures']:g} % of the images on textured backgrounds" if a.get("textures") else "")
     what += (f"; the sink prior: every head from decoder layer {a['sink_layer']} on keeps at least "
              f"{a['sink_floor']:g} of each query's attention on <s>, x {a['sink_weight']:g}" if a.get("sink_weight") else "")

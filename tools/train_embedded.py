@@ -682,6 +682,10 @@ def parser() -> argparse.ArgumentParser:
                     help="stop after this global step, the schedule still planned for the full run "
                          "(replays a run that --max-minutes stopped: its training.json gives the step)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    ap.add_argument("--rope-theta", type=float, default=None,
+                    help="the decoder's rotary base (default: the continued model's, or 10000 for a new one); a "
+                         "larger base turns the low-frequency pairs more slowly, leaving more of each head's "
+                         "dimensions to match content over the image's span")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                     help="bf16 autocast, or fp32 throughout (for a CPU without bf16 matrix units: there, "
                          "bf16 runs several times slower than fp32)")
@@ -718,6 +722,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--text-scenes {args.text_scenes:g} needs --drop-from none (visual dropout expects every row's image)")
     if args.carry_heads and not args.init_from:
         ap.error("--carry-heads needs --init-from (the heads come from the run that wrote that directory)")
+    if args.rope_theta is not None and args.rope_theta <= 1:
+        ap.error(f"--rope-theta {args.rope_theta:g}: a rotary base above 1 (10000 is the usual one)")
     if args.canvas_sides and args.drop_from is not None:
         ap.error(f"--canvas-sides {','.join(map(str, args.canvas_sides))} needs --drop-from none "
                  f"(visual dropout is built for the {syn.IMAGE_SIZE} x {syn.IMAGE_SIZE} canvas)")
@@ -781,9 +787,15 @@ def main(argv=None):
     config = embedded.build_config(vision_layers=args.tower_layers or 4)
     config.text_config._attn_implementation = "sdpa"
     if args.init_from:
-        model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        from transformers import AutoConfig
+        loaded = AutoConfig.from_pretrained(args.init_from)
+        if args.rope_theta is not None:
+            loaded.text_config.rope_parameters["rope_theta"] = args.rope_theta
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from, config=loaded, dtype=torch.float32)
         model.config.text_config._attn_implementation = "sdpa"
     else:
+        if args.rope_theta is not None:
+            config.text_config.rope_parameters["rope_theta"] = args.rope_theta
         model = LlavaForConditionalGeneration(config)
     if args.sink_weight:  # (the prior reads the attention probabilities)
         model.config.text_config._attn_implementation = "eager"
