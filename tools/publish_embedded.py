@@ -155,7 +155,7 @@ def stage_text(stage: dict, i: int) -> str:
                f"--drop-from {a['drop_from']} --object-drop {a['object_drop']}"
                + (f" --type-weights {weights}" if weights else "") + (" --turn-mean" if a.get("turn_mean") else "")
                + f" --seed {a['seed']}")
-        what = (f"fine-tuning the stage above: every answer turn weighs the same in the loss"
+        what = ("fine-tuning the stage above: every answer turn weighs the same in the loss"
                 + (f", question mix {weights} (others 1)" if weights else "")
                 + f"; half of the conversations lose visual tokens, and {100 * a['object_drop']:.0f} % of those "
                 f"keep an oracle-like subset instead (most of the first question's object patches plus a few "
