@@ -46,13 +46,16 @@ class Workspace:
             self.data[key] = samples, [adapter.inputs(s.image, s.question) for s in samples]
         return self.data[key]
 
-    def run(self, cell: Cell, progress: bool = False) -> CellResult:
+    def run(self, cell: Cell, progress: bool = False, timed_only: bool = False) -> CellResult:
+        """The cell's result; `timed_only`: its timed samples alone (timing.subset), for a timing pass."""
         adapter = self.adapter(cell.model)
         if "lmms_eval" in cell.dataset:  # an lmms-eval task, run through lmms-eval with this model
             from harness.lmms.run import run_lmms_cell
 
             return run_lmms_cell(adapter, cell)
         samples, inputs = self.samples(adapter, cell.dataset)
+        if timed_only and cell.timing.get("subset") is not None:
+            samples, inputs = samples[:cell.timing["subset"]], inputs[:cell.timing["subset"]]
         return cell_runner.run_cell(adapter, cell, samples, inputs, progress=progress)
 
 

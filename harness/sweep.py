@@ -149,10 +149,11 @@ DRIFT_WARN = 0.10
 
 
 def closing_pass(ws: Workspace, exp: Experiment, outcome: SweepOutcome, store: SweepStore, log) -> dict:
-    """Time the baseline cell(s) of the model in memory again after every other cell (a resumed
-    sweep with nothing left to run loads its first model for this): the ratio to their first pass
-    shows how much the machine drifted during the sweep, an uncertainty that the speedup intervals
-    (repeats within a cell) do not contain. Logged on the parent run."""
+    """Time the baseline cell(s) of the model in memory again after every other cell, their timed
+    samples alone (timing.subset; a resumed sweep with nothing left to run loads its first model
+    for this): the ratio to their first pass shows how much the machine drifted during the sweep,
+    an uncertainty that the speedup intervals (repeats within a cell) do not contain. Logged on the
+    parent run."""
     drift = {}
     model = lambda c: ws.key(c.model)  # noqa: E731
     # lmms-eval tasks are left out: timing one again would run the whole benchmark again
@@ -163,7 +164,7 @@ def closing_pass(ws: Workspace, exp: Experiment, outcome: SweepOutcome, store: S
         in_memory = [c for c in references if model(c) == model(references[0])]
     for cell in in_memory:
         first = outcome.metrics[cell.label]
-        again = ws.run(cell).metrics
+        again = ws.run(cell, timed_only=True).metrics  # the untimed samples add no timing
         d = {"prefill": again["prefill_ms"] / first["prefill_ms"],
              "decode": again["decode_tokens_per_s_pooled"] / first["decode_tokens_per_s_pooled"]}
         drift[cell.label] = d

@@ -158,3 +158,22 @@ def test_a_cell_on_the_gpu_reports_its_peak_gpu_memory(tiny_llava_dir, device):
     res = run_cell(adapter, Cell("baseline", {}, None), samples, inputs, 3, 0, repeats=1)
     weights_mb = sum(p.numel() * p.element_size() for p in adapter.model.parameters()) / 2 ** 20
     assert res.metrics["peak_gpu_allocated_mb"] >= weights_mb and "peak_rss_mb" not in res.metrics
+
+
+def test_a_timing_pass_runs_the_timed_samples_alone(tiny_llava_dir):
+    """The sweep's closing pass (Workspace.run(timed_only=True)) times the cell's timed subset and
+    skips the samples that run once for their answers; without a subset it runs them all."""
+    from harness.executors import Workspace
+    from harness.experiment import MODEL_DEFAULTS, Cell
+
+    model = {**MODEL_DEFAULTS, "path": tiny_llava_dir}
+    dataset = {"name": "shapes", "split": "val", "samples_per_type": 1}  # 6 samples
+    gen = {"max_new_tokens": 3}
+    ws = Workspace()
+    subset = Cell("baseline", {}, None, model=model, dataset=dataset, generation=gen,
+                  timing={"warmup": 0, "repeats": 1, "paired": False, "subset": 4})
+    whole = Cell("baseline", {}, None, model=model, dataset=dataset, generation=gen,
+                 timing={"warmup": 0, "repeats": 1, "paired": False, "subset": None})
+    assert [r.timed for r in ws.run(subset, timed_only=True).records] == [True] * 4
+    assert [r.timed for r in ws.run(subset).records] == [True] * 4 + [False] * 2
+    assert len(ws.run(whole, timed_only=True).records) == 6
