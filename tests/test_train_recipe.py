@@ -462,3 +462,19 @@ def test_attribute_forms_skew_the_training_mix_and_leave_the_splits_alone():
     assert min(counts) >= 30, counts
     with pytest.raises(SystemExit):
         te.parse_args(["--recipe", "neutral", "--attribute-forms", "shape-at-the=2"])
+
+
+def test_make_train_embedded_runs_the_stages_of_the_installed_models_card():
+    """`make train-embedded` repeats the installed model: its stage rules run the card's commands,
+    in the card's order, and the target is the last stage."""
+    import re
+    from pathlib import Path
+
+    from harness.models import embedded
+
+    card = (Path(embedded.EMBEDDED_DIR) / "README.md").read_text()
+    stages = re.findall(r"^(\d+)\. `(python -m tools\.train_embedded [^`]+)`", card, re.M)
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    rules = re.findall(r"^build/embedded-(\d+)/final/model\.safetensors:.*\n\t\$\(BIN\)/(python -m [^\n]+)", make, re.M)
+    assert stages and rules == stages
+    assert f"train-embedded: build/embedded-{stages[-1][0]}/final/model.safetensors" in make
