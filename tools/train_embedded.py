@@ -771,7 +771,7 @@ def main(argv=None):
     if args.init_from or args.language_stage:
         args.vision_steps = 0
 
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -787,7 +787,6 @@ def main(argv=None):
     config = embedded.build_config(vision_layers=args.tower_layers or 4)
     config.text_config._attn_implementation = "sdpa"
     if args.init_from:
-        from transformers import AutoConfig
         loaded = AutoConfig.from_pretrained(args.init_from)
         if args.rope_theta is not None:
             loaded.text_config.rope_parameters["rope_theta"] = args.rope_theta
