@@ -77,8 +77,8 @@ build/twigs/%/twig.safetensors: harness/models/embedded/llava-tiny-shapes/model.
 		--K $(subst K,,$(word 1,$(subst -, ,$*))) --T $(subst T,,$(word 2,$(subst -, ,$*))) \
 		--init $(word 3,$(subst -, ,$*))
 
-train-embedded: build/embedded-4/final/model.safetensors  ## retrain the embedded model: the four stages of its card (~5 h on 2 cores; rerun to resume)
-	@echo "evaluate and install: $(BIN)/python -m tools.publish_embedded build/embedded-4/final"
+train-embedded: build/embedded-6/final/model.safetensors  ## retrain the embedded model: the six stages of its card (~6 h on 2 cores; rerun to resume)
+	@echo "evaluate and install: $(BIN)/python -m tools.publish_embedded build/embedded-6/final"
 
 # each stage writes final/ only when it ends; an interrupted one resumes from its ckpt.pt
 build/embedded-1/final/model.safetensors: | $(STAMP)
@@ -89,6 +89,10 @@ build/embedded-3/final/model.safetensors: build/embedded-2/final/model.safetenso
 	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/embedded-3 --init-from build/embedded-2/final --steps 1500 --lr 0.0003 --seed 121 --carry-heads --warmup 30 --turn-mean-from 0 --proj-aux-weight 0.3 --object-weight 1.0 --where-weight 0.3 --where-balance --canvas-sides 40,48,56,64,72,88,104,120 --text-only 0.05 --stop-step 251
 build/embedded-4/final/model.safetensors: build/embedded-3/final/model.safetensors
 	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/embedded-4 --init-from build/embedded-3/final --steps 1500 --lr 0.0004 --seed 131 --carry-heads --warmup 30 --type-weights attribute=3,count=2,describe=2 --turn-mean-from 0 --proj-aux-weight 0.3 --object-weight 1.0 --where-weight 0.3 --where-balance --canvas-sides 40,48,56,64,72,88,104,120 --text-only 0.05
+build/embedded-5/final/model.safetensors: build/embedded-4/final/model.safetensors
+	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/embedded-5 --init-from build/embedded-4/final --steps 1200 --lr 0.0004 --seed 151 --warmup 30 --type-weights attribute=4,count=1.5,describe=3,text=0.5 --attribute-forms shape-at=3,size=0.3 --turn-mean-from 0 --cls-weight 0.0 --ground-weight 0.0 --canvas-sides 40,48,56,64,72,88,104,120 --text-only 0.05 --freeze tower --precision fp32
+build/embedded-6/final/model.safetensors: build/embedded-5/final/model.safetensors
+	$(BIN)/python -m tools.train_embedded --recipe neutral --out build/embedded-6 --init-from build/embedded-5/final --steps 1200 --lr 0.0003 --seed 161 --warmup 30 --type-weights attribute=4,count=1.5,describe=3,text=0.5 --attribute-forms shape-at=3,size=0.3 --turn-mean-from 0 --cls-weight 0.0 --ground-weight 0.0 --canvas-sides 40,48,56,64,72,88,104,120 --text-only 0.05 --freeze tower --precision fp32
 
 clean:  ## remove outputs (keeps .venv and mlflow.db)
 	rm -rf build reports/out .pytest_cache
