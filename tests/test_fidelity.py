@@ -23,7 +23,7 @@ METHODS = [{"name": "twigvlm", "settings": {"final_wipe": None}}, {"name": "fast
            "sparsevlm", "visionzip", "random", "oracle"]
 N = int(os.environ.get("TWIGBENCH_FIDELITY_N", 600))  # short-answer samples (test split 600..): about +-4 points
 # FastV is the one method that differs, and it is held to -10..+5 instead of +-5: it
-# answers below its coverage in both models this project has installed (600 samples, 16 tokens:
+# answers below its coverage in both neutral-recipe models installed so far (600 samples, 16 tokens:
 # -5.4 [-9.9, -0.9] points for the stage-4 model, -6.3 [-10.4, -2.0] for the stage-6 one; at 300
 # samples the stage-4 model's draw gave -4.1). Its layer-1 attention is close to content-blind here:
 # half the samples keep the same bottom-row patches (92, 99, 111), its 16 tokens touch 3.7 of the 9
