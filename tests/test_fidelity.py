@@ -29,10 +29,9 @@ N = int(os.environ.get("TWIGBENCH_FIDELITY_N", 600))  # short-answer samples (te
 # half the samples keep the same bottom-row patches (92, 99, 111), its 16 tokens touch 3.7 of the 9
 # grid cells against random's 7.8. Where it keeps none of the question's objects it answers like
 # random (21 % against 23 %, 300 samples); the gap is at partial coverage (0.1-0.7: count 50 against
-# 70 %, position 69 against 96 %, few samples), where one compact block of kept patches is not the
-# same evidence as the same share of pixels spread over every object. Neither other objects'
-# coverage, the spread over cells, nor kept neighbours of the objects accounts for it as a covariate
-# of the fit (issue 11 notes). A model trained on FastV's pattern would move it up, which the upper
+# 70 %, position 69 against 96 %, few samples). No second covariate in the fit accounts for it (other
+# objects' coverage, grid cells touched, kept neighbours of the objects, share of the question's
+# objects touched; issue 11 notes): its cause is open. A model trained on FastV's pattern would move it up, which the upper
 # bound still catches; a model that hides its evidence from FastV more than now fails the lower one.
 WIDER = {"fastv[K=1]": (-0.10, 0.05)}
 
