@@ -31,8 +31,9 @@ N = int(os.environ.get("TWIGBENCH_FIDELITY_N", 600))  # short-answer samples (te
 # random (21 % against 23 %, 300 samples); the gap is at partial coverage (0.1-0.7: count 50 against
 # 70 %, position 69 against 96 %, few samples). No second covariate in the fit accounts for it (other
 # objects' coverage, grid cells touched, kept neighbours of the objects, share of the question's
-# objects touched; issue 11 notes): its cause is open. A model trained on FastV's pattern would move it up, which the upper
-# bound still catches; a model that hides its evidence from FastV more than now fails the lower one.
+# objects touched; issue 11 notes): its cause is open. A model trained on FastV's pattern would move
+# it up, which the upper bound still catches; a model that hides its evidence from FastV more than
+# now fails the lower one.
 WIDER = {"fastv[K=1]": (-0.10, 0.05)}
 
 
